@@ -1,0 +1,146 @@
+"""`DNIDense`: a `keras.layers.Dense` followed by a synthetic gradient."""
+
+import keras
+
+from keras_dni import validation
+from keras_dni.synthetic_gradient import SyntheticGradient
+
+
+@keras.saving.register_keras_serializable(package="keras_dni")
+class DNIDense(keras.layers.Dense):
+    """A `Dense` layer that learns from a synthetic gradient (DNI).
+
+    The forward pass is exactly `keras.layers.Dense`'s, and so is inference
+    cost. In training, the gradient of the loss with respect to the layer's
+    output is replaced by the prediction of a small gradient model `M` (see
+    `keras_dni.SyntheticGradient`): the layer's kernel and bias, and every
+    layer below, are updated from `M`'s prediction, and the gradient arriving
+    from above is only `M`'s regression target.
+
+    Reference:
+    - [Jaderberg et al., 2017](https://arxiv.org/abs/1608.05343)
+
+    Args:
+        units, activation, use_bias, kernel_initializer, bias_initializer,
+        kernel_regularizer, bias_regularizer, activity_regularizer,
+        kernel_constraint, bias_constraint, lora_rank, lora_alpha,
+        quantization_config: as for
+            `keras.layers.Dense`.
+        sg_hidden_units: tuple of ints, hidden widths of the gradient model;
+            `()` (default) gives a linear, zero-initialised model.
+        sg_batch_norm: bool, batch normalisation in the gradient model's
+            hidden layers.
+        conditional: bool, conditional DNI: the gradient model also sees the
+            labels (needs `DNISequential`/`DNIModel`).
+        label_dim: int or `None`, width of the label features of a
+            conditional layer; set automatically by `DNISequential`/`DNIModel`.
+        bp_lambda: float in [0, 1], BP(lambda) mix of the incoming gradient
+            into the gradient sent below (0: pure DNI, 1: backprop).
+        sg_input_normalization: `"layer"` (default) or `None`: whether the
+            gradient model sees its input standardised per example (see
+            `SyntheticGradient`).
+        **kwargs: base layer keyword arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        inputs: input tensor.
+        training: bool, whether the call is part of a training step.
+
+    Input shape:
+        `(batch_size, ..., input_dim)`.
+
+    Output shape:
+        `(batch_size, ..., units)`.
+
+    Example:
+
+    >>> import keras, keras_dni
+    >>> model = keras.Sequential([
+    ...     keras.Input((8,)),
+    ...     keras_dni.DNIDense(32, activation="relu"),
+    ...     keras.layers.Dense(3, activation="softmax"),
+    ... ])
+    >>> model.compile("adam", "sparse_categorical_crossentropy")
+    >>> _ = model.fit(keras.random.normal((64, 8)),
+    ...               keras.random.randint((64,), 0, 3), verbose=0)
+    """
+
+    def __init__(
+        self,
+        units,
+        activation=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        lora_rank=None,
+        lora_alpha=None,
+        quantization_config=None,
+        sg_hidden_units=(),
+        sg_batch_norm=False,
+        conditional=False,
+        label_dim=None,
+        bp_lambda=0.0,
+        sg_input_normalization="layer",
+        **kwargs,
+    ):
+        super().__init__(
+            units,
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            quantization_config=quantization_config,
+            **kwargs,
+        )
+        self.synthetic_gradient = SyntheticGradient(
+            # Checked here so that errors name this layer's arguments.
+            hidden_units=validation.check_hidden_units(
+                "sg_hidden_units", sg_hidden_units
+            ),
+            batch_norm=validation.check_bool("sg_batch_norm", sg_batch_norm),
+            conditional=conditional,
+            label_dim=label_dim,
+            bp_lambda=bp_lambda,
+            input_normalization=validation.check_choice(
+                "sg_input_normalization",
+                sg_input_normalization,
+                ("layer", None),
+            ),
+            dtype=self.dtype_policy,
+            name="synthetic_gradient",
+        )
+        self.synthetic_gradient.metric_prefix_name = self.name
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.synthetic_gradient.build(tuple(input_shape[:-1]) + (self.units,))
+
+    def call(self, inputs, training=None):
+        outputs = super().call(inputs, training=training)
+        return self.synthetic_gradient(outputs, training=training)
+
+    def get_config(self):
+        sg = self.synthetic_gradient
+        config = {
+            "sg_hidden_units": sg.hidden_units,
+            "sg_batch_norm": sg.batch_norm,
+            "conditional": sg.conditional,
+            "label_dim": sg.label_dim,
+            "bp_lambda": sg.initial_bp_lambda,
+            "sg_input_normalization": sg.input_normalization,
+            "activity_regularizer": keras.regularizers.serialize(
+                self.activity_regularizer
+            ),
+        }
+        return {**super().get_config(), **config}

@@ -1,0 +1,295 @@
+"""`DNISequential` and `DNIModel`: Keras models whose `train_step` knows DNI.
+
+The `train_step` opens a `keras_dni.context` around the forward and backward
+pass (labels for conditional DNI, the loss scale for mixed precision), runs
+one forward and one backward pass, and applies two optimizers: the model's
+optimizer to the network's weights (updated from synthetic gradients) and
+`sg_optimizer` to the gradient models (updated from their regression loss).
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_dni import context
+from keras_dni.synthetic_gradient import SyntheticGradient
+
+DEFAULT_SG_LEARNING_RATE = 3e-3
+
+
+def default_sg_optimizer():
+    """The gradient models' default optimizer (see the README for why)."""
+    return keras.optimizers.Adam(learning_rate=DEFAULT_SG_LEARNING_RATE)
+
+
+def synthetic_gradient_layers(model):
+    """Returns every `SyntheticGradient` in `model`, in layer order.
+
+    Looks inside nested models and inside DNI layers (which own a
+    `SyntheticGradient` as `layer.synthetic_gradient`).
+    """
+    found = []
+
+    def visit(layer):
+        if isinstance(layer, SyntheticGradient):
+            found.append(layer)
+            return
+        owned = getattr(layer, "synthetic_gradient", None)
+        if isinstance(owned, SyntheticGradient):
+            found.append(owned)
+        for sub in getattr(layer, "layers", ()) or ():
+            visit(sub)
+
+    for layer in model.layers:
+        visit(layer)
+    return found
+
+
+class _SyntheticGradientLoss(keras.metrics.Metric):
+    """`sg_loss`: mean over DNI layers of their epoch-mean regression loss.
+
+    Holds no state of its own; reads the per-layer trackers.
+    """
+
+    def __init__(self, trackers, name="sg_loss"):
+        super().__init__(name=name)
+        self._trackers = list(trackers)
+
+    def update_state(self, *args, **kwargs):
+        pass
+
+    def reset_state(self):
+        pass
+
+    def result(self):
+        return tf.add_n([t.result() for t in self._trackers]) / len(self._trackers)
+
+
+class DNITrainerMixin:
+    """The DNI `train_step`, `compile(sg_optimizer=...)` and saving logic."""
+
+    # ---------------------------------------------------------------- compile
+    def compile(
+        self,
+        optimizer="rmsprop",
+        loss=None,
+        loss_weights=None,
+        metrics=None,
+        weighted_metrics=None,
+        run_eagerly=False,
+        steps_per_execution=1,
+        jit_compile="auto",
+        auto_scale_loss=True,
+        sg_optimizer=None,
+    ):
+        """Configures the model for training (see `keras.Model.compile`).
+
+        Args:
+            sg_optimizer: optimizer (instance or identifier) for the gradient
+                models of the DNI layers. `None` gives
+                `keras.optimizers.Adam(3e-3)`, the default measured in
+                `benchmarks/`. The model's `optimizer` updates every other
+                weight, from the synthetic gradients.
+            Other arguments: as for `keras.Model.compile`.
+        """
+        if sg_optimizer is None:
+            sg_optimizer = default_sg_optimizer()
+        sg_optimizer = keras.optimizers.get(sg_optimizer)
+        if not isinstance(sg_optimizer, keras.optimizers.Optimizer):
+            raise TypeError(
+                "Received an invalid value for `sg_optimizer`, expected a "
+                "Keras optimizer instance or identifier. Received: "
+                f"sg_optimizer={sg_optimizer!r}"
+            )
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            loss_weights=loss_weights,
+            metrics=metrics,
+            weighted_metrics=weighted_metrics,
+            run_eagerly=run_eagerly,
+            steps_per_execution=steps_per_execution,
+            jit_compile=jit_compile,
+            auto_scale_loss=auto_scale_loss,
+        )
+        self.sg_optimizer = sg_optimizer
+        sg_layers = synthetic_gradient_layers(self)
+        if not sg_layers:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' has no DNI layer "
+                "(`SyntheticGradient`, `DNIDense`, ...): nothing to decouple. "
+                "Use `keras.Sequential`/`keras.Model` for plain backprop."
+            )
+        if self.built:
+            self._configure_dni()
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config is not None and getattr(self, "sg_optimizer", None):
+            config["sg_optimizer"] = keras.optimizers.serialize(self.sg_optimizer)
+        return config
+
+    def compile_from_config(self, config):
+        config = dict(config)
+        sg_optimizer = config.pop("sg_optimizer", None)
+        config = keras.saving.deserialize_keras_object(config)
+        if sg_optimizer is not None:
+            sg_optimizer = keras.optimizers.deserialize(sg_optimizer)
+        self.compile(**config, sg_optimizer=sg_optimizer)
+        self._configure_dni()
+
+    # ------------------------------------------------------------------ state
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        if getattr(self, "sg_optimizer", None) is not None:
+            self._configure_dni()
+
+    def _output_width(self):
+        try:
+            outputs = self.outputs
+        except (AttributeError, ValueError):
+            return None
+        if not outputs or len(outputs) != 1:
+            return None
+        return outputs[0].shape[-1]
+
+    def _configure_dni(self):
+        """Sets conditional layers' label width, builds both optimizers."""
+        width = self._output_width()
+        for layer in synthetic_gradient_layers(self):
+            if layer.conditional and layer.label_dim is None and width:
+                layer.set_label_dim(int(width))
+        if not self.built or not all(
+            layer.built for layer in synthetic_gradient_layers(self)
+        ):
+            return
+        # Build each optimizer on exactly the variables it updates, the same
+        # way in `fit` and on loading, so that saved optimizer state matches.
+        main, sg = self._dni_variables()
+        with self.distribute_strategy.scope():
+            if not self.optimizer.built:
+                self.optimizer.build(main)
+            if not self.sg_optimizer.built:
+                self.sg_optimizer.build(sg)
+
+    def _dni_variables(self):
+        """(network variables, gradient-model variables), by identity."""
+        sg_ids = set()
+        for layer in synthetic_gradient_layers(self):
+            sg_ids.update(id(v) for v in layer.trainable_variables)
+        main, sg = [], []
+        for v in self.trainable_variables:
+            (sg if id(v) in sg_ids else main).append(v)
+        return main, sg
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        trackers = [
+            layer.sg_loss_tracker
+            for layer in synthetic_gradient_layers(self)
+            if hasattr(layer, "sg_loss_tracker")
+        ]
+        if trackers and getattr(self, "compiled", False):
+            if getattr(self, "_sg_total", None) is None:
+                self._sg_total = _SyntheticGradientLoss(trackers)
+            metrics = metrics + [self._sg_total]
+        return metrics
+
+    def make_train_function(self, force=False):
+        # The model and the optimizers' variables exist by now (`fit` built
+        # them); create the sg optimizer's before tracing.
+        self._configure_dni()
+        return super().make_train_function(force=force)
+
+    # ------------------------------------------------------------- train step
+    def _loss_scale(self):
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            return self.optimizer.scale_loss(1.0)
+        return None
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        monitor = getattr(self, "_sg_monitor", None)
+        if monitor is not None:
+            monitor.maybe_measure(self, x, y, sample_weight)
+        loss_scale = self._loss_scale()
+        with context.training_context(labels=y, loss_scale=loss_scale):
+            with tf.GradientTape() as tape:
+                y_pred = self(x, training=True)
+                loss = self.compute_loss(
+                    x=x,
+                    y=y,
+                    y_pred=y_pred,
+                    sample_weight=sample_weight,
+                    training=True,
+                )
+                scaled_loss = self.optimizer.scale_loss(loss)
+        main_vars, sg_vars = self._dni_variables()
+        grads = tape.gradient(scaled_loss, main_vars + sg_vars)
+        self.optimizer.apply(grads[: len(main_vars)], main_vars)
+        self.sg_optimizer.apply(grads[len(main_vars) :], sg_vars)
+        self._track_loss(loss, x)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _track_loss(self, loss, x):
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        batch = tf.shape(tf.nest.flatten(x)[0])[0]
+        for metric in super().metrics:
+            if metric.name == "loss":
+                metric.update_state(loss * replicas, sample_weight=batch)
+                break
+
+
+@keras.saving.register_keras_serializable(package="keras_dni")
+class DNISequential(DNITrainerMixin, keras.Sequential):
+    """A `keras.Sequential` whose `train_step` trains DNI layers in full.
+
+    Drop-in for `keras.Sequential`. Compared with a plain `Sequential` (where
+    DNI layers already train, with one optimizer), it adds:
+
+    - `compile(..., sg_optimizer=...)`: the gradient models get an optimizer
+      of their own; the model's optimizer updates the network from the
+      synthetic gradients.
+    - conditional DNI (`conditional=True` layers see the batch's labels);
+    - mixed precision (`mixed_float16`): the loss scale is removed from the
+      gradient models' targets;
+    - the `sg_loss` metric (mean of the per-layer `sg_loss_<layer>`);
+    - `keras_dni.callbacks.SyntheticGradientMonitor` support.
+
+    One forward and one backward pass per step, as for backprop.
+
+    Example:
+
+    >>> import keras, keras_dni
+    >>> model = keras_dni.DNISequential([
+    ...     keras.Input((8,)),
+    ...     keras_dni.DNIDense(32, activation="relu", conditional=True),
+    ...     keras.layers.Dense(3, activation="softmax"),
+    ... ])
+    >>> model.compile("adam", "sparse_categorical_crossentropy",
+    ...               sg_optimizer=keras.optimizers.Adam(1e-4))
+    >>> history = model.fit(keras.random.normal((64, 8)),
+    ...                     keras.random.randint((64,), 0, 3), verbose=0)
+    >>> "sg_loss" in history.history
+    True
+    """
+
+
+@keras.saving.register_keras_serializable(package="keras_dni")
+class DNIModel(DNITrainerMixin, keras.Model):
+    """A functional `keras.Model` whose `train_step` trains DNI layers.
+
+    Same constructor as `keras.Model(inputs, outputs)`; see `DNISequential`
+    for what its `train_step` adds.
+
+    Example:
+
+    >>> import keras, keras_dni
+    >>> inputs = keras.Input((8,))
+    >>> h = keras_dni.DNIDense(32, activation="relu")(inputs)
+    >>> outputs = keras.layers.Dense(1)(h)
+    >>> model = keras_dni.DNIModel(inputs, outputs)
+    >>> model.compile("adam", "mse")
+    >>> _ = model.fit(keras.random.normal((64, 8)),
+    ...               keras.random.normal((64, 1)), verbose=0)
+    """

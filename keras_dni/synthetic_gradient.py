@@ -1,0 +1,398 @@
+"""`SyntheticGradient`: the layer that marks a decoupling point."""
+
+import keras
+import tensorflow as tf
+
+from keras_dni import context
+from keras_dni import validation
+
+_TRAINING_CONTEXT_HINT = (
+    "Build the model with `keras_dni.DNISequential` or `keras_dni.DNIModel` "
+    "(drop-in replacements for `keras.Sequential` and `keras.Model`), whose "
+    "`train_step` passes the labels and the loss scale to the layers."
+)
+
+
+def _decouple(finite_check):
+    """Identity on `h` whose gradient is the synthetic gradient.
+
+    Forward: returns `h`. Backward, given the incoming gradient `dy`:
+    - below `h` it sends `(1 - bp_lambda) * prediction * per_example_scale +
+      bp_lambda * dy` (pure DNI for `bp_lambda=0`, backprop for 1);
+    - to `prediction` it returns the gradient of the regression loss
+      `mean((prediction - dy / per_example_scale) ** 2)` over the global
+      batch, so the gradient model M learns to predict the per-example
+      gradient `dy / per_example_scale`.
+
+    Returns `(op, holder)`: `op(h, prediction, bp_lambda, per_example_scale)`
+    and a dict in which the caller puts `replicas` (number of replicas) and
+    `on_loss(value, weight)`, called with the batch's regression loss when
+    the backward pass runs.
+    """
+    holder = {}
+
+    @tf.custom_gradient
+    def op(h, prediction, bp_lambda, per_example_scale):
+        def grad(dy):
+            dy32 = tf.cast(dy, tf.float32)
+            target = dy32 / per_example_scale
+            synthetic = prediction * per_example_scale
+            down = (1.0 - bp_lambda) * synthetic + bp_lambda * dy32
+            error = prediction - target
+            # `per_example_scale` is loss_scale / global_batch; the regression
+            # loss averages over the global batch and the features.
+            local_batch = tf.cast(tf.shape(error)[0], tf.float32)
+            elements = tf.cast(tf.size(error), tf.float32)
+            features = elements / local_batch
+            global_batch = local_batch * holder["replicas"]
+            d_prediction = 2.0 * error / (global_batch * features)
+            local_loss = tf.reduce_sum(tf.square(error)) / elements
+            weight = 1.0
+            if finite_check:
+                finite = tf.reduce_all(tf.math.is_finite(dy32))
+                d_prediction = tf.where(
+                    finite, d_prediction, tf.zeros_like(d_prediction)
+                )
+                local_loss = tf.where(finite, local_loss, 0.0)
+                weight = tf.cast(finite, tf.float32)
+            holder["on_loss"](local_loss, weight)
+            return tf.cast(down, h.dtype), d_prediction, None, None
+
+        return tf.identity(h), grad
+
+    return op, holder
+
+
+class _LabelProjection(keras.layers.Layer):
+    """The label input of a conditional gradient model (a bias-free Dense).
+
+    Its width and initialisation are set by the owning `SyntheticGradient`
+    before it is built, which may happen after the owner was built.
+    """
+
+    units = None
+    zero_init = True
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            shape=(input_shape[-1], self.units),
+            initializer="zeros" if self.zero_init else "he_normal",
+            name="kernel",
+        )
+
+    def call(self, inputs):
+        return tf.matmul(inputs, self.kernel)
+
+
+@keras.saving.register_keras_serializable(package="keras_dni")
+class SyntheticGradient(keras.layers.Layer):
+    """Decouples the layers below it from the layers above it (DNI).
+
+    Decoupled Neural Interfaces (Jaderberg et al., 2017) replace the gradient
+    that a layer waits for from above with a prediction: a small gradient
+    model `M` sees the activations `h` (and, for conditional DNI, the labels)
+    and predicts the gradient of the loss with respect to `h`. Everything
+    below this layer is updated from `M(h)` at once; the gradient that does
+    arrive from above (true at the top of the network, itself synthetic
+    further down) is never passed down and only serves as `M`'s regression
+    target (the paper's L2 loss).
+
+    In inference this layer is the identity and costs nothing. In training its
+    output is still `h` unchanged; only the backward pass differs.
+
+    **What `M` predicts.** `M(h)` is the *per-example* gradient of the loss:
+    the gradient that arrives at `h` multiplied by the global batch size
+    (local batch x number of replicas) and divided by the optimizer's loss
+    scale (mixed precision). Keras losses average over the batch, so this
+    target does not depend on the batch size, on the number of replicas of a
+    distribution strategy, nor on the loss scale: a gradient model trained at
+    batch 32 is right at batch 256 and under `tf.distribute`. The gradient
+    sent below is `M(h)` scaled back the same way.
+
+    **Training.** `M`'s weights are ordinary trainable weights of this layer.
+    With the stock `train_step` the model's optimizer trains them together
+    with the rest of the network; `DNISequential`/`DNIModel` give them an
+    optimizer of their own. Under `mixed_float16` and for conditional DNI use
+    `DNISequential`/`DNIModel`: their `train_step` tells the layer the loss
+    scale and the labels. `M` is always computed in float32.
+
+    Reference:
+    - [Jaderberg et al., 2017](https://arxiv.org/abs/1608.05343)
+
+    Args:
+        hidden_units: tuple of ints, the hidden layer widths of `M`. `()`
+            (default) makes `M` linear, as in the paper and the tutorial.
+            Hidden layers use ReLU; the last layer of `M` is always
+            zero-initialised, so `M` starts by predicting zero gradients.
+        batch_norm: bool, whether `M`'s hidden layers use batch normalisation.
+        conditional: bool, conditional DNI (cDNI): `M` also sees the labels
+            of the batch (one-hot for integer class labels, the target values
+            otherwise). Needs `DNISequential`/`DNIModel`.
+        label_dim: int or `None`, the width of the label features for
+            `conditional=True` (number of classes for integer labels).
+            `DNISequential`/`DNIModel` set it from the model's output width
+            when it is `None`.
+        bp_lambda: float in [0, 1], BP(lambda): the gradient sent below is
+            `(1 - bp_lambda) * synthetic + bp_lambda * incoming`. 0 (default)
+            is pure DNI, 1 is exact backprop. Held in a non-trainable
+            variable (`layer.bp_lambda`) that callbacks can anneal.
+        input_normalization: `"layer"` (default) or `None`. With `"layer"`,
+            `M` sees `h` standardised over its last axis, per example and
+            without parameters (a parameter-free layer norm). It lets `M`
+            keep up with the layer it serves as `h` changes scale during
+            training; without it, deep plain-DNI networks trained with Adam
+            can collapse towards chance (measured in `benchmarks/`).
+        **kwargs: base layer keyword arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        inputs: the activations `h`, a tensor of rank >= 2 whose first axis
+            is the batch.
+        training: bool, whether the call is part of a training step.
+
+    Input shape:
+        `(batch_size, ..., features)`.
+
+    Output shape:
+        Same as the input.
+
+    Example:
+
+    >>> import keras, keras_dni
+    >>> model = keras.Sequential([
+    ...     keras.Input((8,)),
+    ...     keras.layers.Dense(16, activation="relu"),
+    ...     keras_dni.SyntheticGradient(),
+    ...     keras.layers.Dense(2),
+    ... ])
+    >>> model.compile("adam", "mse")
+    >>> _ = model.fit(keras.random.normal((32, 8)),
+    ...               keras.random.normal((32, 2)), verbose=0)
+    """
+
+    def __init__(
+        self,
+        hidden_units=(),
+        batch_norm=False,
+        conditional=False,
+        label_dim=None,
+        bp_lambda=0.0,
+        input_normalization="layer",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.input_normalization = validation.check_choice(
+            "input_normalization", input_normalization, ("layer", None)
+        )
+        self.hidden_units = validation.check_hidden_units("hidden_units", hidden_units)
+        self.batch_norm = validation.check_bool("batch_norm", batch_norm)
+        self.conditional = validation.check_bool("conditional", conditional)
+        self.label_dim = validation.check_optional_positive_int("label_dim", label_dim)
+        self.initial_bp_lambda = validation.check_fraction("bp_lambda", bp_lambda)
+        self.supports_masking = True
+        # Name used for this layer's metric; a DNI layer that owns this one
+        # sets it to its own name.
+        self.metric_prefix_name = self.name
+        # Created unbuilt: the label width may only be known once the model
+        # around this layer is complete (see `set_label_dim`).
+        self._label_projection = (
+            _LabelProjection(dtype="float32", name="gradient_model_labels")
+            if self.conditional
+            else None
+        )
+
+    # ------------------------------------------------------------------ build
+    def build(self, input_shape):
+        features = input_shape[-1]
+        if features is None:
+            raise ValueError(
+                "`SyntheticGradient` needs a known last dimension of its "
+                f"input. Received: input_shape={input_shape}"
+            )
+        self.bp_lambda = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(self.initial_bp_lambda),
+            trainable=False,
+            dtype="float32",
+            autocast=False,
+            name="bp_lambda",
+        )
+        widths = self.hidden_units + (features,)
+        linear = not self.hidden_units
+        self._input_dense = keras.layers.Dense(
+            widths[0],
+            kernel_initializer="zeros" if linear else "he_normal",
+            dtype="float32",
+            name="gradient_model_input",
+        )
+        self._input_dense.build(tuple(input_shape[:-1]) + (features,))
+        self._model_layers = []
+        width = widths[0]
+        for i, units in enumerate(widths[1:]):
+            if self.batch_norm:
+                bn = keras.layers.BatchNormalization(
+                    dtype="float32", name=f"gradient_model_bn_{i}"
+                )
+                bn.build(tuple(input_shape[:-1]) + (width,))
+                self._model_layers.append(bn)
+            last = i == len(widths) - 2
+            dense = keras.layers.Dense(
+                units,
+                kernel_initializer="zeros" if last else "he_normal",
+                dtype="float32",
+                name=f"gradient_model_dense_{i}",
+            )
+            dense.build(tuple(input_shape[:-1]) + (width,))
+            self._model_layers.append(dense)
+            width = units
+        if self.conditional and self.label_dim is not None:
+            self._build_label_projection()
+        self.sg_loss_tracker = keras.metrics.Mean(
+            name=f"sg_loss_{self.metric_prefix_name}"
+        )
+
+    def _build_label_projection(self):
+        self._label_projection.units = self._input_dense.units
+        self._label_projection.zero_init = not self.hidden_units
+        self._label_projection.build((None, self.label_dim))
+
+    def set_label_dim(self, label_dim):
+        """Sets the label width of a conditional layer that has none yet.
+
+        `DNISequential`/`DNIModel` call it with the model's output width.
+        """
+        if not self.conditional or self.label_dim is not None:
+            return
+        self.label_dim = validation.check_optional_positive_int("label_dim", label_dim)
+        if self.built:
+            self._build_label_projection()
+
+    # ------------------------------------------------------------- gradient M
+    def predict_gradient(self, inputs, labels=None):
+        """`M`'s prediction of the per-example gradient at `inputs`.
+
+        Args:
+            inputs: the activations `h`.
+            labels: the batch's targets, for a conditional layer.
+
+        Returns:
+            A float32 tensor shaped like `inputs`.
+        """
+        x = tf.cast(inputs, tf.float32)
+        if self.input_normalization == "layer":
+            mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+            x = (x - mean) * tf.math.rsqrt(var + 1e-6)
+        x = self._input_dense(x)
+        if self.conditional:
+            x = x + self._label_features(labels, inputs)
+        hidden = bool(self.hidden_units)
+        for layer in self._model_layers:
+            if hidden and isinstance(layer, keras.layers.Dense):
+                x = tf.nn.relu(x)
+            x = (
+                layer(x, training=True)
+                if isinstance(layer, keras.layers.BatchNormalization)
+                else layer(x)
+            )
+        return x
+
+    def _label_features(self, labels, inputs):
+        if labels is None:
+            raise ValueError(
+                f"The conditional layer '{self.metric_prefix_name}' "
+                "(`conditional=True`) received no labels during training: a "
+                "plain `keras.Sequential`/`keras.Model` does not pass them to "
+                "its layers. " + _TRAINING_CONTEXT_HINT
+            )
+        if isinstance(labels, (dict, list, tuple)):
+            raise ValueError(
+                f"The conditional layer '{self.metric_prefix_name}' needs a "
+                "single label tensor; received a structure of "
+                f"{type(labels).__name__}."
+            )
+        if not self._label_projection.built:
+            raise ValueError(
+                f"The conditional layer '{self.metric_prefix_name}' does not "
+                "know the width of its label features. Pass `label_dim` or "
+                "use `DNISequential`/`DNIModel`, which set it from the "
+                "model's output width."
+            )
+        labels = tf.convert_to_tensor(labels)
+        if labels.dtype.is_integer:
+            if labels.shape.rank is not None and labels.shape.rank > 1:
+                labels = tf.reshape(labels, [tf.shape(labels)[0]])
+            features = tf.one_hot(labels, self.label_dim, dtype=tf.float32)
+        else:
+            features = tf.reshape(
+                tf.cast(labels, tf.float32), [tf.shape(labels)[0], -1]
+            )
+        projected = self._label_projection(features)
+        # Broadcast the per-example label features over the inner axes of h.
+        rank = inputs.shape.rank
+        if rank is not None and rank > 2:
+            new_shape = tf.concat(
+                [
+                    tf.shape(projected)[:1],
+                    tf.ones([rank - 2], tf.int32),
+                    tf.shape(projected)[1:],
+                ],
+                axis=0,
+            )
+            projected = tf.reshape(projected, new_shape)
+        return projected
+
+    # ------------------------------------------------------------------- call
+    def call(self, inputs, training=None):
+        if not training:
+            return inputs
+        ctx = context.current()
+        loss_scale = None
+        labels = None
+        if ctx is not None:
+            loss_scale = ctx.loss_scale
+            labels = ctx.labels
+        elif self.compute_dtype == "float16":
+            raise ValueError(
+                f"Layer '{self.metric_prefix_name}' is trained under the "
+                "'mixed_float16' policy with the stock `train_step`: the "
+                "gradients it receives carry the optimizer's loss scale, "
+                "which a layer cannot see. " + _TRAINING_CONTEXT_HINT
+            )
+        prediction = self.predict_gradient(tf.stop_gradient(inputs), labels)
+        if ctx is not None and ctx.force_backprop:
+            output = tf.identity(inputs)
+            ctx.records.append((self, output, prediction))
+            return output
+
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        global_batch = tf.cast(tf.shape(inputs)[0] * replicas, tf.float32)
+        scale = 1.0 if loss_scale is None else tf.cast(loss_scale, tf.float32)
+        per_example_scale = scale / global_batch
+        op, holder = _decouple(finite_check=loss_scale is not None)
+        holder["replicas"] = float(replicas)
+        holder["on_loss"] = self._record_loss
+        output = op(
+            inputs,
+            prediction,
+            tf.convert_to_tensor(self.bp_lambda),
+            per_example_scale,
+        )
+        if ctx is not None:
+            ctx.records.append((self, output, prediction))
+        return output
+
+    def _record_loss(self, value, weight):
+        self.sg_loss_tracker.update_state(value, sample_weight=weight)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = {
+            "hidden_units": self.hidden_units,
+            "batch_norm": self.batch_norm,
+            "conditional": self.conditional,
+            "label_dim": self.label_dim,
+            "bp_lambda": self.initial_bp_lambda,
+            "input_normalization": self.input_normalization,
+        }
+        return {**super().get_config(), **config}
