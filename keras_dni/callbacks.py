@@ -39,7 +39,10 @@ class SyntheticGradientMonitor(keras.callbacks.Callback):
 
     Args:
         every_n_batches: positive int, measure every N training batches
-            (counted over the whole run, from the first batch).
+            (counted over the whole run, from the first batch; with
+            `steps_per_execution=k` Keras calls callbacks once per k
+            batches, so N counts executions and the measurement is taken
+            on the last batch of the execution).
 
     Example:
 
@@ -126,8 +129,7 @@ class SyntheticGradientMonitor(keras.callbacks.Callback):
                     self._epoch_values.setdefault(key, []).append(value)
                     if logs is not None:
                         logs[key] = value
-        steps = self.params.get("steps_per_execution", 1) if self.params else 1
-        self._step += max(1, int(steps or 1))
+        self._step += 1
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:

@@ -100,3 +100,25 @@ def mnist5k(test_size=0.25, seed=0):
         ) from e
     x, y = mnist_data()
     return _split((x / 255.0).astype("float32"), y.astype("int64"), test_size, seed)
+
+
+def mnist1d():
+    """MNIST-1D (Greydanus, 2020), built procedurally by the `mnist1d` package.
+
+    Uses `mnist1d.data.make_dataset`, which generates the data locally (its
+    `get_dataset` would download). Returns `((x_train, y_train), (x_test,
+    y_test))`: 4,000 / 1,000 sequences of length 40, 10 classes, with the
+    package's default arguments (seed 42), as in the published figures.
+    """
+    try:
+        from mnist1d.data import get_dataset_args
+        from mnist1d.data import make_dataset
+    except ImportError as e:
+        raise ImportError(
+            "MNIST-1D needs the `mnist1d` package: pip install 'keras-dni[benchmarks]'"
+        ) from e
+    data = make_dataset(get_dataset_args())
+    return (data["x"].astype("float32"), data["y"].astype("int64")), (
+        data["x_test"].astype("float32"),
+        data["y_test"].astype("int64"),
+    )

@@ -47,12 +47,14 @@ def synthetic_gradient_layers(model):
 class _SyntheticGradientLoss(keras.metrics.Metric):
     """`sg_loss`: mean over DNI layers of their epoch-mean regression loss.
 
-    Holds no state of its own; reads the per-layer trackers.
+    Holds no state of its own: it reads the per-layer `sg_loss_<layer>`
+    trackers (which Keras resets each epoch) of the layers that
+    `layers_fn()` returns.
     """
 
-    def __init__(self, trackers, name="sg_loss"):
+    def __init__(self, layers_fn, name="sg_loss"):
         super().__init__(name=name)
-        self._trackers = list(trackers)
+        self._layers_fn = layers_fn
 
     def update_state(self, *args, **kwargs):
         pass
@@ -61,7 +63,14 @@ class _SyntheticGradientLoss(keras.metrics.Metric):
         pass
 
     def result(self):
-        return tf.add_n([t.result() for t in self._trackers]) / len(self._trackers)
+        trackers = [
+            layer.sg_loss_tracker
+            for layer in self._layers_fn()
+            if hasattr(layer, "sg_loss_tracker")
+        ]
+        if not trackers:
+            return tf.constant(0.0)
+        return tf.add_n([t.result() for t in trackers]) / len(trackers)
 
 
 class DNITrainerMixin:
@@ -91,6 +100,13 @@ class DNITrainerMixin:
                 weight, from the synthetic gradients.
             Other arguments: as for `keras.Model.compile`.
         """
+        sg_layers = synthetic_gradient_layers(self)
+        if not sg_layers:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' has no DNI layer "
+                "(`SyntheticGradient`, `DNIDense`, ...): nothing to decouple. "
+                "Use `keras.Sequential`/`keras.Model` for plain backprop."
+            )
         if sg_optimizer is None:
             sg_optimizer = default_sg_optimizer()
         sg_optimizer = keras.optimizers.get(sg_optimizer)
@@ -112,13 +128,8 @@ class DNITrainerMixin:
             auto_scale_loss=auto_scale_loss,
         )
         self.sg_optimizer = sg_optimizer
-        sg_layers = synthetic_gradient_layers(self)
-        if not sg_layers:
-            raise ValueError(
-                f"{type(self).__name__} '{self.name}' has no DNI layer "
-                "(`SyntheticGradient`, `DNIDense`, ...): nothing to decouple. "
-                "Use `keras.Sequential`/`keras.Model` for plain backprop."
-            )
+        # Auto-tracked by Keras: listed in `model.metrics` after the loss.
+        self._sg_total = _SyntheticGradientLoss(lambda: synthetic_gradient_layers(self))
         if self.built:
             self._configure_dni()
 
@@ -180,20 +191,6 @@ class DNITrainerMixin:
         for v in self.trainable_variables:
             (sg if id(v) in sg_ids else main).append(v)
         return main, sg
-
-    @property
-    def metrics(self):
-        metrics = super().metrics
-        trackers = [
-            layer.sg_loss_tracker
-            for layer in synthetic_gradient_layers(self)
-            if hasattr(layer, "sg_loss_tracker")
-        ]
-        if trackers and getattr(self, "compiled", False):
-            if getattr(self, "_sg_total", None) is None:
-                self._sg_total = _SyntheticGradientLoss(trackers)
-            metrics = metrics + [self._sg_total]
-        return metrics
 
     def make_train_function(self, force=False):
         # The model and the optimizers' variables exist by now (`fit` built

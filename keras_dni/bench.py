@@ -1,0 +1,491 @@
+"""`python -m keras_dni.bench`: backprop vs DNI vs cDNI, with tables and plots.
+
+Tasks:
+
+- `digits`, `mnist5k`, `mnist1d`, `binary-addition`: the same MLP (3 hidden
+  layers of 256, ReLU; Adam 1e-3, batch 64) trained with backprop
+  (`keras.layers.Dense`), DNI and cDNI (`keras_dni.DNIDense` in a
+  `DNISequential`); held-out accuracy after every epoch.
+- `copy`: the recurrent copy task (truncated BPTT vs DNI), if
+  `keras_dni.copy_task` is available.
+- `timing`: training-step time of DNI and cDNI relative to backprop for
+  784-w-w-10 MLPs of growing width `w`, batch 128, measured alternately in one
+  process (median of repeats).
+
+Writes `OUT/results.json` (a list of `{"task", "method", "seed", "metrics",
+"config"}` records) and PNG plots, and prints a Markdown table.
+
+Example:
+
+    python -m keras_dni.bench digits --seeds 3 --epochs 30 --out results
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+METHODS = ("backprop", "dni", "cdni")
+MLP_TASKS = ("digits", "mnist5k", "mnist1d", "binary-addition")
+TASKS = MLP_TASKS + ("copy", "timing")
+
+
+# ---------------------------------------------------------------- models
+def build_mlp(method, input_dim, output_dim, output_activation, width=256, depth=3):
+    """The benchmark MLP for one method (`backprop`, `dni` or `cdni`)."""
+    import keras
+
+    import keras_dni
+
+    if method not in METHODS:
+        raise ValueError(
+            f"Received an invalid value for `method`, expected one of "
+            f"{list(METHODS)}. Received: method={method!r}"
+        )
+    hidden = []
+    for i in range(depth):
+        if method == "backprop":
+            hidden.append(
+                keras.layers.Dense(width, activation="relu", name=f"hidden_{i}")
+            )
+        else:
+            hidden.append(
+                keras_dni.DNIDense(
+                    width,
+                    activation="relu",
+                    conditional=method == "cdni",
+                    name=f"hidden_{i}",
+                )
+            )
+    layers = [keras.Input((input_dim,))] + hidden
+    layers.append(
+        keras.layers.Dense(output_dim, activation=output_activation, name="output")
+    )
+    if method == "backprop":
+        return keras.Sequential(layers)
+    return keras_dni.DNISequential(layers)
+
+
+def load_task(task, small=False):
+    """Returns `(x, y, x_test, y_test, kind)` for an MLP task."""
+    from keras_dni import data
+
+    if task == "binary-addition":
+        n, n_test = (1000, 200) if small else (10000, 2000)
+        (x, y), (xt, yt) = data.binary_addition(12, n, n_test, seed=0)
+        kind = "bits"
+    else:
+        loader = {
+            "digits": data.digits,
+            "mnist5k": data.mnist5k,
+            "mnist1d": data.mnist1d,
+        }[task]
+        (x, y), (xt, yt) = loader()
+        kind = "classes"
+    if small:
+        x, y, xt, yt = x[:512], y[:512], xt[:256], yt[:256]
+    return x, y, xt, yt, kind
+
+
+def _score(pred, y, kind):
+    if kind == "bits":
+        right = (pred > 0.5) == (y > 0.5)
+        return {
+            "bit_accuracy": float(right.mean()),
+            "exact_accuracy": float(right.all(axis=1).mean()),
+        }
+    return {"accuracy": float((pred.argmax(axis=1) == y).mean())}
+
+
+def run_mlp(task, method, seed, epochs, small=False, batch_size=64):
+    """Trains one model; returns a results record."""
+    import keras
+
+    x, y, xt, yt, kind = load_task(task, small=small)
+    keras.utils.set_random_seed(seed)
+    if kind == "bits":
+        out, act, loss = y.shape[1], "sigmoid", "binary_crossentropy"
+    else:
+        out, act, loss = 10, "softmax", "sparse_categorical_crossentropy"
+    model = build_mlp(method, x.shape[1], out, act)
+    model.compile(keras.optimizers.Adam(1e-3), loss)
+    curve = []
+
+    class Evaluate(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            pred = self.model.predict(xt, batch_size=1024, verbose=0)
+            curve.append(_score(pred, yt, kind))
+
+    start = time.time()
+    model.fit(
+        x, y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[Evaluate()]
+    )
+    metrics = dict(curve[-1])
+    metrics["train_seconds"] = time.time() - start
+    main_key = "exact_accuracy" if kind == "bits" else "accuracy"
+    metrics["curve"] = [c[main_key] for c in curve]
+    if kind == "bits":
+        metrics["bit_curve"] = [c["bit_accuracy"] for c in curve]
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "metrics": metrics,
+        "config": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "hidden": [256, 256, 256],
+            "optimizer": "adam(1e-3)",
+            "train_size": len(x),
+            "test_size": len(xt),
+        },
+    }
+
+
+# ---------------------------------------------------------------- timing
+def run_timing(
+    widths, methods, repeats=5, steps=50, batch_size=128, jit_compile="auto"
+):
+    """Median training-step time per method and width, measured in turns."""
+    import keras
+    import tensorflow as tf
+
+    records = []
+    for width in widths:
+        keras.utils.set_random_seed(0)
+        rng = np.random.default_rng(0)
+        x = rng.random((batch_size * 8, 784), dtype=np.float32)
+        y = rng.integers(0, 10, batch_size * 8)
+        dataset = (
+            tf.data.Dataset.from_tensor_slices((x, y))
+            .batch(batch_size, drop_remainder=True)
+            .repeat()
+            .prefetch(2)
+        )
+        models = {}
+        for method in methods:
+            model = build_mlp(method, 784, 10, "softmax", width=width, depth=2)
+            model.compile(
+                keras.optimizers.Adam(1e-3),
+                "sparse_categorical_crossentropy",
+                jit_compile=jit_compile,
+            )
+            model.fit(dataset, steps_per_epoch=5, epochs=1, verbose=0)  # trace
+            models[method] = model
+        times = {m: [] for m in methods}
+        for _ in range(repeats):
+            for method in methods:  # alternate, so drifts hit all methods
+                start = time.perf_counter()
+                models[method].fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0)
+                times[method].append((time.perf_counter() - start) / steps)
+        base = float(np.median(times[methods[0]]))
+        for method in methods:
+            median = float(np.median(times[method]))
+            records.append(
+                {
+                    "task": "timing",
+                    "method": method,
+                    "seed": 0,
+                    "metrics": {
+                        "step_seconds": median,
+                        "ratio_to_" + methods[0]: median / base,
+                    },
+                    "config": {
+                        "width": width,
+                        "layers": [784, width, width, 10],
+                        "batch_size": batch_size,
+                        "repeats": repeats,
+                        "steps": steps,
+                        "jit_compile": jit_compile,
+                    },
+                }
+            )
+            print(
+                f"width {width:5d} {method:8s} {1000 * median:8.2f} ms/step"
+                f"  x{median / base:.2f}",
+                flush=True,
+            )
+    return records
+
+
+# ---------------------------------------------------------------- output
+def summarise(records):
+    """Markdown table: mean ± std over seeds per task, metric and method."""
+    lines = []
+    acc_records = [r for r in records if r["task"] not in ("timing", "copy")]
+    if acc_records:
+        methods = [m for m in METHODS if any(r["method"] == m for r in acc_records)]
+        lines.append("| task | metric | " + " | ".join(methods) + " |")
+        lines.append("|---|---|" + "---|" * len(methods))
+        for task in dict.fromkeys(r["task"] for r in acc_records):
+            rows = [r for r in acc_records if r["task"] == task]
+            keys = [k for k in rows[0]["metrics"] if k.endswith("accuracy")]
+            for key in keys:
+                cells = []
+                for method in methods:
+                    vals = [
+                        100 * r["metrics"][key] for r in rows if r["method"] == method
+                    ]
+                    cells.append(
+                        f"{np.mean(vals):.1f} ± {np.std(vals):.1f} (n={len(vals)})"
+                        if vals
+                        else "—"
+                    )
+                lines.append(f"| {task} | {key} (%) | " + " | ".join(cells) + " |")
+    timing = [r for r in records if r["task"] == "timing"]
+    if timing:
+        methods = list(dict.fromkeys(r["method"] for r in timing))
+        lines.append("")
+        lines.append(
+            "| width | " + " | ".join(f"{m} ms/step (ratio)" for m in methods) + " |"
+        )
+        lines.append("|---|" + "---|" * len(methods))
+        for width in dict.fromkeys(r["config"]["width"] for r in timing):
+            cells = []
+            for method in methods:
+                (r,) = [
+                    r
+                    for r in timing
+                    if r["method"] == method and r["config"]["width"] == width
+                ]
+                ratio = [v for k, v in r["metrics"].items() if k.startswith("ratio")][0]
+                cells.append(
+                    f"{1000 * r['metrics']['step_seconds']:.2f} (x{ratio:.2f})"
+                )
+            lines.append(f"| {width} | " + " | ".join(cells) + " |")
+    copy = [r for r in records if r["task"] == "copy"]
+    if copy:
+        lines.append("")
+        lines.append("| truncation T | method | max N per seed | mean |")
+        lines.append("|---|---|---|---|")
+        for t in sorted({r["truncation"] for r in copy}):
+            for method in dict.fromkeys(r["method"] for r in copy):
+                vals = [
+                    r["metrics"]["max_length"]
+                    for r in copy
+                    if r["truncation"] == t and r["method"] == method
+                ]
+                if vals:
+                    lines.append(f"| {t} | {method} | {vals} | {np.mean(vals):.1f} |")
+    return "\n".join(lines)
+
+
+def plot(records, out_dir):
+    """Writes learning-curve and timing PNGs; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        rows = [r for r in records if r["task"] == task]
+        if task in MLP_TASKS:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for method in dict.fromkeys(r["method"] for r in rows):
+                curves = (
+                    np.array(
+                        [r["metrics"]["curve"] for r in rows if r["method"] == method]
+                    )
+                    * 100
+                )
+                epochs = np.arange(1, curves.shape[1] + 1)
+                mean, std = curves.mean(0), curves.std(0)
+                ax.plot(epochs, mean, label=method)
+                ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+            ylabel = (
+                "exact sums (%)" if task == "binary-addition" else "test accuracy (%)"
+            )
+            ax.set(xlabel="epoch", ylabel=ylabel, title=task)
+            ax.legend()
+        elif task == "timing":
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for method in dict.fromkeys(r["method"] for r in rows):
+                pts = sorted(
+                    (
+                        r["config"]["width"],
+                        [v for k, v in r["metrics"].items() if k.startswith("ratio")][
+                            0
+                        ],
+                    )
+                    for r in rows
+                    if r["method"] == method
+                )
+                ax.plot(*zip(*pts), marker="o", label=method)
+            ax.set(
+                xscale="log",
+                xlabel="hidden width",
+                ylabel="step time / backprop",
+                title="training-step cost",
+            )
+            ax.legend()
+        elif task == "copy":
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for method in dict.fromkeys(r["method"] for r in rows):
+                pts = {}
+                for r in rows:
+                    if r["method"] == method:
+                        pts.setdefault(r["truncation"], []).append(
+                            r["metrics"]["max_length"]
+                        )
+                ts = sorted(pts)
+                ax.errorbar(
+                    ts,
+                    [np.mean(pts[t]) for t in ts],
+                    yerr=[np.std(pts[t]) for t in ts],
+                    marker="o",
+                    label=method,
+                )
+            ax.set(
+                xlabel="truncation T", ylabel="max sequence length N", title="copy task"
+            )
+            ax.legend()
+        else:
+            continue
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{task}.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------- CLI
+def _parse_list(value, allowed, name):
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(
+            f"invalid {name} {bad or value!r}: expected a comma-separated "
+            f"list of {', '.join(allowed)}"
+        )
+    return items
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_dni.bench",
+        description="Benchmark backprop, DNI and cDNI on offline tasks.",
+    )
+    parser.add_argument("task", help=f"one of: {', '.join(TASKS)}")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all)",
+    )
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs (default 30; copy: training steps budget is --steps)",
+    )
+    parser.add_argument("--out", default="bench_results")
+    parser.add_argument(
+        "--small", action="store_true", help="tiny data and budgets (smoke test)"
+    )
+    parser.add_argument(
+        "--widths", default="256,1024,4096", help="timing: hidden widths"
+    )
+    parser.add_argument(
+        "--truncations", default="2,3,5,8", help="copy: truncation lengths"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="copy: training steps per run"
+    )
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.task not in TASKS:
+        parser.error(f"unknown task {args.task!r}: expected one of {', '.join(TASKS)}")
+    try:
+        methods = _parse_list(args.methods, METHODS, "method")
+        if args.task == "copy":
+            methods = [m for m in methods if m != "cdni"]
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
+    if args.seeds <= 0:
+        parser.error(f"--seeds must be a positive integer, got {args.seeds}")
+    if args.epochs is not None and args.epochs <= 0:
+        parser.error(f"--epochs must be a positive integer, got {args.epochs}")
+    os.makedirs(args.out, exist_ok=True)
+    records = []
+    if args.task in MLP_TASKS:
+        epochs = args.epochs or (2 if args.small else 30)
+        for method in methods:
+            for seed in range(args.seeds):
+                record = run_mlp(args.task, method, seed, epochs, small=args.small)
+                records.append(record)
+                m = record["metrics"]
+                acc = m.get("accuracy", m.get("exact_accuracy"))
+                print(
+                    f"{args.task} {method:8s} seed {seed}: "
+                    f"test accuracy {100 * acc:.2f} % "
+                    f"({m['train_seconds']:.0f} s)",
+                    flush=True,
+                )
+    elif args.task == "timing":
+        widths = [int(w) for w in args.widths.split(",")]
+        if args.small:
+            widths = widths[:1]
+        records = run_timing(
+            widths,
+            methods,
+            repeats=2 if args.small else 5,
+            steps=5 if args.small else 50,
+        )
+    else:
+        records = run_copy(args, methods)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    plots = plot(records, args.out)
+    print()
+    print(summarise(records))
+    print(f"\nwrote {os.path.join(args.out, 'results.json')} and {', '.join(plots)}")
+    return 0
+
+
+def run_copy(args, methods):
+    try:
+        from keras_dni import copy_task
+    except ImportError:
+        print("the copy task is not available in this version", file=sys.stderr)
+        raise SystemExit(2)
+    truncations = [int(t) for t in args.truncations.split(",")]
+    steps = args.steps or (20 if args.small else 3000)
+    records = []
+    for t in truncations:
+        for method in methods:
+            for seed in range(args.seeds):
+                result = copy_task.run_copy_task(
+                    truncation=t,
+                    synthetic_gradient=method != "backprop",
+                    steps=steps,
+                    seed=seed,
+                )
+                records.append(
+                    {
+                        "task": "copy",
+                        "method": "dni" if method != "backprop" else "bptt",
+                        "seed": seed,
+                        "truncation": t,
+                        "metrics": result,
+                        "config": {"steps": steps},
+                    }
+                )
+                print(
+                    f"copy T={t} {records[-1]['method']:5s} seed {seed}: "
+                    f"max N {result['max_length']}",
+                    flush=True,
+                )
+    return records
+
+
+if __name__ == "__main__":
+    sys.exit(main())

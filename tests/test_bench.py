@@ -1,0 +1,98 @@
+"""The benchmark CLI: argument errors, smoke runs, data generators."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from keras_dni import bench
+from keras_dni import data
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["nope"], "unknown task 'nope'"),
+        (["digits", "--methods", "backprop,sgd"], "invalid method.*sgd"),
+        (["digits", "--seeds", "0"], "--seeds must be a positive integer"),
+    ],
+)
+def test_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code != 0
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_module_entry_point_rejects_unknown_task():
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_dni.bench", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "unknown task" in result.stderr
+
+
+def _check_records(out_dir, task, methods):
+    with open(os.path.join(out_dir, "results.json")) as f:
+        records = json.load(f)
+    assert {r["method"] for r in records} == set(methods)
+    for record in records:
+        assert set(record) >= {"task", "method", "seed", "metrics", "config"}
+        assert record["task"] == task
+    assert os.path.getsize(os.path.join(out_dir, f"{task}.png")) > 1000
+    return records
+
+
+@pytest.mark.parametrize("task", ["digits", "binary-addition"])
+def test_smoke_mlp_tasks(task, tmp_path):
+    out = str(tmp_path)
+    assert (
+        bench.main([task, "--small", "--seeds", "1", "--epochs", "1", "--out", out])
+        == 0
+    )
+    records = _check_records(out, task, ["backprop", "dni", "cdni"])
+    for record in records:
+        assert len(record["metrics"]["curve"]) == 1
+        assert 0.0 <= record["metrics"]["curve"][0] <= 1.0
+
+
+def test_smoke_timing(tmp_path):
+    out = str(tmp_path)
+    assert (
+        bench.main(
+            [
+                "timing",
+                "--small",
+                "--widths",
+                "32",
+                "--methods",
+                "backprop,dni",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
+    records = _check_records(out, "timing", ["backprop", "dni"])
+    assert records[0]["metrics"]["ratio_to_backprop"] == 1.0
+    assert records[1]["metrics"]["step_seconds"] > 0
+
+
+def test_binary_addition_target_is_the_sum():
+    (x, y), (xt, yt) = data.binary_addition(
+        bits=8, num_examples=300, num_test=50, seed=1
+    )
+    for xs, ys in ((x, y), (xt, yt)):
+        left, right = data.from_bits(xs[:, :8]), data.from_bits(xs[:, 8:])
+        np.testing.assert_array_equal(data.from_bits(ys), left + right)
+    assert data.to_bits([5], 4).tolist() == [[0, 1, 0, 1]]
+    with pytest.raises(ValueError, match="distinct pairs"):
+        data.binary_addition(bits=3, num_examples=20, num_test=0)
