@@ -13,7 +13,7 @@ import tensorflow as tf
 from keras_dni import context
 from keras_dni.synthetic_gradient import SyntheticGradient
 
-DEFAULT_SG_LEARNING_RATE = 3e-3
+DEFAULT_SG_LEARNING_RATE = 1e-3
 
 
 def default_sg_optimizer():
@@ -95,7 +95,7 @@ class DNITrainerMixin:
         Args:
             sg_optimizer: optimizer (instance or identifier) for the gradient
                 models of the DNI layers. `None` gives
-                `keras.optimizers.Adam(3e-3)`, the default measured in
+                `keras.optimizers.Adam(1e-3)`, the default measured in
                 `benchmarks/`. The model's `optimizer` updates every other
                 weight, from the synthetic gradients.
             Other arguments: as for `keras.Model.compile`.
