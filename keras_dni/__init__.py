@@ -14,19 +14,27 @@ if _keras.backend.backend() != "tensorflow":
     )
 
 from keras_dni import callbacks  # noqa: E402
+from keras_dni.conv import DNIConv2D  # noqa: E402
+from keras_dni.conversion import apply_dni  # noqa: E402
+from keras_dni.conversion import strip_dni  # noqa: E402
 from keras_dni.dense import DNIDense  # noqa: E402
 from keras_dni.models import DNIModel  # noqa: E402
 from keras_dni.models import DNISequential  # noqa: E402
 from keras_dni.models import synthetic_gradient_layers  # noqa: E402
+from keras_dni.recurrent import DNIRNN  # noqa: E402
 from keras_dni.synthetic_gradient import SyntheticGradient  # noqa: E402
 from keras_dni.version import __version__  # noqa: E402
 
 __all__ = [
+    "DNIConv2D",
     "DNIDense",
+    "DNIRNN",
     "DNIModel",
     "DNISequential",
     "SyntheticGradient",
+    "apply_dni",
     "callbacks",
+    "strip_dni",
     "synthetic_gradient_layers",
     "__version__",
 ]

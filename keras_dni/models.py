@@ -224,7 +224,13 @@ class DNITrainerMixin:
         main_vars, sg_vars = self._dni_variables()
         grads = tape.gradient(scaled_loss, main_vars + sg_vars)
         self.optimizer.apply(grads[: len(main_vars)], main_vars)
-        self.sg_optimizer.apply(grads[len(main_vars) :], sg_vars)
+        # A gradient model can get no gradient in a step (e.g. a `DNIRNN`
+        # whose sequences fit in one chunk): leave it out of the update.
+        sg_pairs = [
+            (g, v) for g, v in zip(grads[len(main_vars) :], sg_vars) if g is not None
+        ]
+        if sg_pairs:
+            self.sg_optimizer.apply(*zip(*sg_pairs))
         self._track_loss(loss, x)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 

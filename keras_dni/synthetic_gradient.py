@@ -137,12 +137,37 @@ class SyntheticGradient(keras.layers.Layer):
             is pure DNI, 1 is exact backprop. Held in a non-trainable
             variable (`layer.bp_lambda`) that callbacks can anneal.
         input_normalization: `"layer"` (default) or `None`. With `"layer"`,
-            `M` sees `h` standardised over its last axis, per example and
-            without parameters (a parameter-free layer norm). It lets `M`
-            keep up with the layer it serves as `h` changes scale during
-            training; without it, deep plain-DNI networks trained with Adam
-            can collapse towards chance (measured in `benchmarks/`).
+            `M` sees `h` standardised per example and without parameters (a
+            parameter-free layer norm): over the last axis for inputs of
+            rank 2 and 3 (per time step), over `(H, W, C)` for images. It
+            lets `M` keep up with the layer it serves as `h` changes scale
+            during training; without it, deep plain-DNI networks trained
+            with Adam can collapse towards chance (measured in
+            `benchmarks/`).
+        kernel_size: int or `None`, the size of `M`'s same-padded
+            `kernel_size x kernel_size` convolutions, for 4-D `h` only.
+            `None` (default) gives 1 for a linear `M` (a 1x1 convolution,
+            cheap) and 3 when `M` has hidden layers.
+        data_format: `"channels_last"` or `"channels_first"`, where the
+            channels of a 4-D `h` are; `None` (default) takes
+            `keras.config.image_data_format()`. Ignored for other ranks.
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
+
+    **Which `M` for which `h`.** `M` follows the rank of `h`:
+    - 2-D `(batch, features)` (after a `Dense`): dense layers.
+    - 3-D `(batch, steps, features)` (sequences): the same dense layers
+      applied at every step (they see one step at a time).
+    - 4-D `(batch, H, W, C)` (after a `Conv2D` or a block of them):
+      convolutions, `kernel_size x kernel_size`, same-padded, with
+      `hidden_units` as their numbers of filters. The default, a linear
+      1x1 convolution, predicts the gradient at each position from the
+      channels at that position and is usually enough; hidden layers
+      (e.g. `hidden_units=(64, 64)` with `batch_norm=True`, as in the
+      paper's convolutional experiments) let `M` see a neighbourhood,
+      for a cost comparable to the layer it serves.
+    - any other rank: dense layers on the last axis, at every position.
+    Conditional label features are added to `M`'s first layer at every
+    position.
 
     Call arguments:
         inputs: the activations `h`, a tensor of rank >= 2 whose first axis
@@ -150,7 +175,8 @@ class SyntheticGradient(keras.layers.Layer):
         training: bool, whether the call is part of a training step.
 
     Input shape:
-        `(batch_size, ..., features)`.
+        `(batch_size, ..., features)`, or `(batch_size, channels, H, W)` for
+        `data_format="channels_first"`.
 
     Output shape:
         Same as the input.
@@ -177,6 +203,8 @@ class SyntheticGradient(keras.layers.Layer):
         label_dim=None,
         bp_lambda=0.0,
         input_normalization="layer",
+        kernel_size=None,
+        data_format=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -188,6 +216,14 @@ class SyntheticGradient(keras.layers.Layer):
         self.conditional = validation.check_bool("conditional", conditional)
         self.label_dim = validation.check_optional_positive_int("label_dim", label_dim)
         self.initial_bp_lambda = validation.check_fraction("bp_lambda", bp_lambda)
+        self.kernel_size = validation.check_optional_positive_int(
+            "kernel_size", kernel_size
+        )
+        if data_format is None:
+            data_format = keras.config.image_data_format()
+        self.data_format = validation.check_choice(
+            "data_format", data_format, ("channels_last", "channels_first")
+        )
         self.supports_masking = True
         # Name used for this layer's metric; a DNI layer that owns this one
         # sets it to its own name.
@@ -202,12 +238,27 @@ class SyntheticGradient(keras.layers.Layer):
 
     # ------------------------------------------------------------------ build
     def build(self, input_shape):
-        features = input_shape[-1]
+        rank = len(input_shape)
+        self._convolutional = rank == 4
+        if self.kernel_size is not None and not self._convolutional:
+            raise ValueError(
+                "Received `kernel_size`, which only applies to 4-D inputs "
+                "(images), but the input of layer "
+                f"'{self.metric_prefix_name}' has rank {rank}. Leave "
+                f"`kernel_size` as `None`. Received: input_shape={input_shape}"
+            )
+        channels_first = self._convolutional and self.data_format == "channels_first"
+        features = input_shape[1] if channels_first else input_shape[-1]
         if features is None:
             raise ValueError(
-                "`SyntheticGradient` needs a known last dimension of its "
-                f"input. Received: input_shape={input_shape}"
+                "`SyntheticGradient` needs a known number of features "
+                "(channels) in its input. "
+                f"Received: input_shape={input_shape}"
             )
+        # `M` works channels-last: its input is `h` as `predict_gradient`
+        # lays it out.
+        inner = tuple(input_shape[2:] if channels_first else input_shape[1:-1])
+        batch = input_shape[0]
         self.bp_lambda = self.add_weight(
             shape=(),
             initializer=keras.initializers.Constant(self.initial_bp_lambda),
@@ -218,13 +269,12 @@ class SyntheticGradient(keras.layers.Layer):
         )
         widths = self.hidden_units + (features,)
         linear = not self.hidden_units
-        self._input_dense = keras.layers.Dense(
-            widths[0],
-            kernel_initializer="zeros" if linear else "he_normal",
-            dtype="float32",
-            name="gradient_model_input",
+        # The first layer of `M` (a Dense, or a Conv2D for 4-D inputs). The
+        # attribute keeps its name so that saved files stay loadable.
+        self._input_dense = self._weight_layer(
+            widths[0], zero_init=linear, name="gradient_model_input"
         )
-        self._input_dense.build(tuple(input_shape[:-1]) + (features,))
+        self._input_dense.build((batch,) + inner + (features,))
         self._model_layers = []
         width = widths[0]
         for i, units in enumerate(widths[1:]):
@@ -232,17 +282,15 @@ class SyntheticGradient(keras.layers.Layer):
                 bn = keras.layers.BatchNormalization(
                     dtype="float32", name=f"gradient_model_bn_{i}"
                 )
-                bn.build(tuple(input_shape[:-1]) + (width,))
+                bn.build((batch,) + inner + (width,))
                 self._model_layers.append(bn)
             last = i == len(widths) - 2
-            dense = keras.layers.Dense(
-                units,
-                kernel_initializer="zeros" if last else "he_normal",
-                dtype="float32",
-                name=f"gradient_model_dense_{i}",
+            kind = "conv" if self._convolutional else "dense"
+            layer = self._weight_layer(
+                units, zero_init=last, name=f"gradient_model_{kind}_{i}"
             )
-            dense.build(tuple(input_shape[:-1]) + (width,))
-            self._model_layers.append(dense)
+            layer.build((batch,) + inner + (width,))
+            self._model_layers.append(layer)
             width = units
         if self.conditional and self.label_dim is not None:
             self._build_label_projection()
@@ -250,8 +298,31 @@ class SyntheticGradient(keras.layers.Layer):
             name=f"sg_loss_{self.metric_prefix_name}"
         )
 
+    def _weight_layer(self, units, zero_init, name):
+        """One layer of `M`: a Dense, or a same-padded Conv2D for 4-D h."""
+        initializer = "zeros" if zero_init else "he_normal"
+        if self._convolutional:
+            kernel_size = self.kernel_size
+            if kernel_size is None:
+                kernel_size = 3 if self.hidden_units else 1
+            return keras.layers.Conv2D(
+                units,
+                kernel_size,
+                padding="same",
+                data_format="channels_last",
+                kernel_initializer=initializer,
+                dtype="float32",
+                name=name,
+            )
+        return keras.layers.Dense(
+            units, kernel_initializer=initializer, dtype="float32", name=name
+        )
+
     def _build_label_projection(self):
-        self._label_projection.units = self._input_dense.units
+        first = self._input_dense
+        self._label_projection.units = (
+            first.filters if isinstance(first, keras.layers.Conv2D) else first.units
+        )
         self._label_projection.zero_init = not self.hidden_units
         self._label_projection.build((None, self.label_dim))
 
@@ -278,21 +349,34 @@ class SyntheticGradient(keras.layers.Layer):
             A float32 tensor shaped like `inputs`.
         """
         x = tf.cast(inputs, tf.float32)
+        channels_first = self._convolutional and self.data_format == "channels_first"
+        if channels_first:
+            x = tf.transpose(x, [0, 2, 3, 1])
         if self.input_normalization == "layer":
-            mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+            # 4-D h: one mean and variance per example over (H, W, C). Per
+            # position over C would blow up near-silent positions (e.g. the
+            # background of an image after a ReLU) to unit variance, and
+            # would erase the differences in scale between positions, which
+            # the gradient (large at active positions, zero where ReLU or
+            # max-pooling blocks it) depends on. Rank 2 and 3: per example
+            # (and time step) over the features, as a layer norm.
+            axes = [1, 2, 3] if self._convolutional else [-1]
+            mean, var = tf.nn.moments(x, axes=axes, keepdims=True)
             x = (x - mean) * tf.math.rsqrt(var + 1e-6)
         x = self._input_dense(x)
         if self.conditional:
-            x = x + self._label_features(labels, inputs)
+            x = x + self._label_features(labels, x)
         hidden = bool(self.hidden_units)
         for layer in self._model_layers:
-            if hidden and isinstance(layer, keras.layers.Dense):
+            if hidden and isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
                 x = tf.nn.relu(x)
             x = (
                 layer(x, training=True)
                 if isinstance(layer, keras.layers.BatchNormalization)
                 else layer(x)
             )
+        if channels_first:
+            x = tf.transpose(x, [0, 3, 1, 2])
         return x
 
     def _label_features(self, labels, inputs):
@@ -394,5 +478,7 @@ class SyntheticGradient(keras.layers.Layer):
             "label_dim": self.label_dim,
             "bp_lambda": self.initial_bp_lambda,
             "input_normalization": self.input_normalization,
+            "kernel_size": self.kernel_size,
+            "data_format": self.data_format,
         }
         return {**super().get_config(), **config}
