@@ -3,7 +3,8 @@
 import keras
 
 from keras_dni import validation
-from keras_dni.synthetic_gradient import SyntheticGradient
+from keras_dni.owned import owned_config
+from keras_dni.owned import owned_synthetic_gradient
 
 
 @keras.saving.register_keras_serializable(package="keras_dni")
@@ -125,28 +126,19 @@ class DNIConv2D(keras.layers.Conv2D):
             bias_constraint=bias_constraint,
             **kwargs,
         )
-        self.synthetic_gradient = SyntheticGradient(
-            # Checked here so that errors name this layer's arguments.
-            hidden_units=validation.check_hidden_units(
-                "sg_hidden_units", sg_hidden_units
-            ),
-            batch_norm=validation.check_bool("sg_batch_norm", sg_batch_norm),
-            conditional=conditional,
-            label_dim=label_dim,
-            bp_lambda=bp_lambda,
-            input_normalization=validation.check_choice(
-                "sg_input_normalization",
-                sg_input_normalization,
-                ("layer", None),
-            ),
+        self.synthetic_gradient = owned_synthetic_gradient(
+            self,
+            sg_hidden_units,
+            sg_batch_norm,
+            conditional,
+            label_dim,
+            bp_lambda,
+            sg_input_normalization,
             kernel_size=validation.check_optional_positive_int(
                 "sg_kernel_size", sg_kernel_size
             ),
             data_format=self.data_format,
-            dtype=self.dtype_policy,
-            name="synthetic_gradient",
         )
-        self.synthetic_gradient.metric_prefix_name = self.name
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -157,14 +149,6 @@ class DNIConv2D(keras.layers.Conv2D):
         return self.synthetic_gradient(outputs, training=training)
 
     def get_config(self):
-        sg = self.synthetic_gradient
-        config = {
-            "sg_hidden_units": sg.hidden_units,
-            "sg_batch_norm": sg.batch_norm,
-            "sg_kernel_size": sg.kernel_size,
-            "conditional": sg.conditional,
-            "label_dim": sg.label_dim,
-            "bp_lambda": sg.initial_bp_lambda,
-            "sg_input_normalization": sg.input_normalization,
-        }
+        config = owned_config(self.synthetic_gradient)
+        config["sg_kernel_size"] = self.synthetic_gradient.kernel_size
         return {**super().get_config(), **config}
