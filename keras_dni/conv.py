@@ -49,8 +49,8 @@ class DNIConv2D(keras.layers.Conv2D):
         bp_lambda: float in [0, 1], BP(lambda) mix of the incoming gradient
             into the gradient sent below (0: pure DNI, 1: backprop).
         sg_input_normalization: `"layer"` (default) or `None`: whether the
-            gradient model sees the feature map standardised per example over
-            `(H, W, C)` (see `SyntheticGradient`).
+            gradient model sees the feature map standardised over the
+            channels, at each position (see `SyntheticGradient`).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:

@@ -16,10 +16,10 @@ B, SIZE, C_IN, FILTERS, D_OUT = 4, 6, 2, 3, 3
 
 
 def _image_norm(h):
-    """Parameter-free norm of a 4-D gradient-model input: per example."""
+    """Parameter-free norm of a 4-D (NHWC) gradient-model input: over C."""
     h = np.asarray(h, dtype=np.float64)
-    mean = h.mean((1, 2, 3), keepdims=True)
-    var = h.var((1, 2, 3), keepdims=True)
+    mean = h.mean(-1, keepdims=True)
+    var = h.var(-1, keepdims=True)
     return (h - mean) / np.sqrt(var + 1e-6)
 
 
