@@ -28,6 +28,9 @@ def test_readme_example_runs(tmp_path, monkeypatch):
         "keras_dni.models",
         "keras_dni.callbacks",
         "keras_dni.data",
+        "keras_dni.conv",
+        "keras_dni.conversion",
+        "keras_dni.recurrent",
     ],
 )
 def test_docstring_examples(module):
