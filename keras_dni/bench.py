@@ -146,10 +146,62 @@ def run_mlp(task, method, seed, epochs, small=False, batch_size=64):
 
 
 # ---------------------------------------------------------------- timing
+def step_macs(layers, method, batch_size):
+    """Multiply-adds of one training step of the timing MLP.
+
+    Backprop: each layer's forward product and weight gradient, and the input
+    gradient of every layer but the first. A linear gradient model `M` (one
+    per hidden layer) adds its forward product and its weight gradient (its
+    input is a constant to the backward pass); conditional DNI adds the same
+    for the label projection. DNI computes every product backprop does,
+    because the gradient arriving at each DNI layer is `M`'s target.
+    """
+    pairs = list(zip(layers[:-1], layers[1:]))
+    macs = sum(2 * a * b for a, b in pairs) + sum(a * b for a, b in pairs[1:])
+    if method != "backprop":
+        labels = layers[-1] if method == "cdni" else 0
+        macs += sum(2 * (w + labels) * w for w in layers[1:-1])
+    return batch_size * macs
+
+
+class _StepTimer:
+    """Wall time of each training step of `fit` (between batch callbacks)."""
+
+    def __init__(self):
+        import keras
+
+        timer = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                timer._start = time.perf_counter()
+
+            def on_train_batch_end(self, batch, logs=None):
+                # The first step of each `fit` also starts the data iterator.
+                if batch > 0:
+                    timer.times.append(time.perf_counter() - timer._start)
+
+        self.times = []
+        self.callback = Callback()
+
+
 def run_timing(
-    widths, methods, repeats=5, steps=50, batch_size=128, jit_compile="auto"
+    widths,
+    methods,
+    repeats=10,
+    steps=30,
+    batch_size=128,
+    jit_compile="auto",
 ):
-    """Median training-step time per method and width, measured in turns."""
+    """Median training-step time per method and width, measured in turns.
+
+    Each method's model trains `repeats` times for `steps` steps in the
+    stock compiled `fit`, the methods taking turns so that drifts of the
+    machine hit all of them. A step's time is measured between Keras'
+    batch callbacks (the compiled train function and Keras' per-step
+    work), which leaves out what `fit` does once per call; the figure is the
+    median over all steps.
+    """
     import keras
     import tensorflow as tf
 
@@ -165,7 +217,7 @@ def run_timing(
             .repeat()
             .prefetch(2)
         )
-        models = {}
+        models, timers = {}, {}
         for method in methods:
             model = build_mlp(method, 784, 10, "softmax", width=width, depth=2)
             model.compile(
@@ -175,15 +227,22 @@ def run_timing(
             )
             model.fit(dataset, steps_per_epoch=5, epochs=1, verbose=0)  # trace
             models[method] = model
-        times = {m: [] for m in methods}
+            timers[method] = _StepTimer()
         for _ in range(repeats):
             for method in methods:  # alternate, so drifts hit all methods
-                start = time.perf_counter()
-                models[method].fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0)
-                times[method].append((time.perf_counter() - start) / steps)
-        base = float(np.median(times[methods[0]]))
+                models[method].fit(
+                    dataset,
+                    steps_per_epoch=steps + 1,
+                    epochs=1,
+                    verbose=0,
+                    callbacks=[timers[method].callback],
+                )
+        layers = [784, width, width, 10]
+        base = float(np.median(timers[methods[0]].times))
+        base_macs = step_macs(layers, methods[0], batch_size)
         for method in methods:
-            median = float(np.median(times[method]))
+            median = float(np.median(timers[method].times))
+            macs = step_macs(layers, method, batch_size)
             records.append(
                 {
                     "task": "timing",
@@ -192,10 +251,12 @@ def run_timing(
                     "metrics": {
                         "step_seconds": median,
                         "ratio_to_" + methods[0]: median / base,
+                        "step_macs": macs,
+                        "macs_ratio_to_" + methods[0]: macs / base_macs,
                     },
                     "config": {
                         "width": width,
-                        "layers": [784, width, width, 10],
+                        "layers": layers,
                         "batch_size": batch_size,
                         "repeats": repeats,
                         "steps": steps,
@@ -205,7 +266,7 @@ def run_timing(
             )
             print(
                 f"width {width:5d} {method:8s} {1000 * median:8.2f} ms/step"
-                f"  x{median / base:.2f}",
+                f"  x{median / base:.2f} (multiply-adds x{macs / base_macs:.2f})",
                 flush=True,
             )
     return records
@@ -251,10 +312,13 @@ def summarise(records):
                     for r in timing
                     if r["method"] == method and r["config"]["width"] == width
                 ]
-                ratio = [v for k, v in r["metrics"].items() if k.startswith("ratio")][0]
-                cells.append(
-                    f"{1000 * r['metrics']['step_seconds']:.2f} (x{ratio:.2f})"
-                )
+                metrics = r["metrics"]
+                ratio = [v for k, v in metrics.items() if k.startswith("ratio")][0]
+                cell = f"{1000 * metrics['step_seconds']:.2f} (x{ratio:.2f}"
+                macs = [v for k, v in metrics.items() if k.startswith("macs_ratio")]
+                if macs:
+                    cell += f"; arithmetic x{macs[0]:.2f}"
+                cells.append(cell + ")")
             lines.append(f"| {width} | " + " | ".join(cells) + " |")
     copy = [r for r in records if r["task"] == "copy"]
     if copy:
@@ -315,6 +379,18 @@ def plot(records, out_dir):
                     if r["method"] == method
                 )
                 ax.plot(*zip(*pts), marker="o", label=method)
+            arithmetic = sorted(
+                (r["config"]["width"], r["metrics"]["macs_ratio_to_backprop"])
+                for r in rows
+                if r["method"] == "dni" and "macs_ratio_to_backprop" in r["metrics"]
+            )
+            if arithmetic:
+                ax.plot(
+                    *zip(*arithmetic),
+                    linestyle="--",
+                    color="gray",
+                    label="dni multiply-adds",
+                )
             ax.set(
                 xscale="log",
                 xlabel="hidden width",
@@ -391,6 +467,11 @@ def make_parser():
         "--widths", default="256,1024,4096", help="timing: hidden widths"
     )
     parser.add_argument(
+        "--jit-compile",
+        action="store_true",
+        help="timing: compile with XLA (default: Keras' 'auto', no XLA on CPU)",
+    )
+    parser.add_argument(
         "--truncations", default="2,3,5,8", help="copy: truncation lengths"
     )
     parser.add_argument(
@@ -437,8 +518,9 @@ def main(argv=None):
         records = run_timing(
             widths,
             methods,
-            repeats=2 if args.small else 5,
-            steps=5 if args.small else 50,
+            repeats=2 if args.small else 10,
+            steps=5 if args.small else 30,
+            jit_compile=True if args.jit_compile else "auto",
         )
     else:
         records = run_copy(args, methods)

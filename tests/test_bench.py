@@ -84,6 +84,23 @@ def test_smoke_timing(tmp_path):
     records = _check_records(out, "timing", ["backprop", "dni"])
     assert records[0]["metrics"]["ratio_to_backprop"] == 1.0
     assert records[1]["metrics"]["step_seconds"] > 0
+    assert records[1]["metrics"]["macs_ratio_to_backprop"] > 1.0
+
+
+def test_step_macs_counts_the_products_of_a_step():
+    # 784-512-512-10 at batch 128, counted by hand: forward and weight
+    # gradient of the three layers, input gradient of the upper two.
+    layers = [784, 512, 512, 10]
+    products = [784 * 512, 512 * 512, 512 * 10]
+    backprop = 128 * (2 * sum(products) + 512 * 512 + 512 * 10)
+    assert bench.step_macs(layers, "backprop", 128) == backprop
+    # A linear 512x512 M per hidden layer: forward and weight gradient.
+    dni = backprop + 128 * 2 * 2 * 512 * 512
+    assert bench.step_macs(layers, "dni", 128) == dni
+    # cDNI adds the 10-class label projection of each M.
+    cdni = dni + 128 * 2 * 2 * 10 * 512
+    assert bench.step_macs(layers, "cdni", 128) == cdni
+    assert round(dni / backprop, 2) == 1.65
 
 
 def test_binary_addition_target_is_the_sum():
