@@ -34,8 +34,21 @@ TASKS = MLP_TASKS + ("copy", "timing")
 
 
 # ---------------------------------------------------------------- models
-def build_mlp(method, input_dim, output_dim, output_activation, width=256, depth=3):
-    """The benchmark MLP for one method (`backprop`, `dni` or `cdni`)."""
+def build_mlp(
+    method,
+    input_dim,
+    output_dim,
+    output_activation,
+    width=256,
+    depth=3,
+    dni_layers=None,
+):
+    """The benchmark MLP for one method (`backprop`, `dni` or `cdni`).
+
+    `dni_layers`: indices of the hidden layers (0 = bottom) that are
+    `DNIDense` for `dni`/`cdni`; the others are plain `Dense`. `None`
+    (default) makes every hidden layer a DNI layer.
+    """
     import keras
 
     import keras_dni
@@ -45,9 +58,18 @@ def build_mlp(method, input_dim, output_dim, output_activation, width=256, depth
             f"Received an invalid value for `method`, expected one of "
             f"{list(METHODS)}. Received: method={method!r}"
         )
+    if dni_layers is None:
+        dni_layers = range(depth)
+    bad = [i for i in dni_layers if not 0 <= i < depth]
+    if bad:
+        raise ValueError(
+            f"Received an invalid value for `dni_layers`, expected indices of "
+            f"hidden layers in [0, {depth - 1}]. Received: dni_layers="
+            f"{list(dni_layers)!r}"
+        )
     hidden = []
     for i in range(depth):
-        if method == "backprop":
+        if method == "backprop" or i not in dni_layers:
             hidden.append(
                 keras.layers.Dense(width, activation="relu", name=f"hidden_{i}")
             )
@@ -100,8 +122,11 @@ def _score(pred, y, kind):
     return {"accuracy": float((pred.argmax(axis=1) == y).mean())}
 
 
-def run_mlp(task, method, seed, epochs, small=False, batch_size=64):
-    """Trains one model; returns a results record."""
+def run_mlp(task, method, seed, epochs, small=False, batch_size=64, dni_layers=None):
+    """Trains one model; returns a results record.
+
+    `dni_layers` is passed to `build_mlp` (`None`: all hidden layers).
+    """
     import keras
 
     x, y, xt, yt, kind = load_task(task, small=small)
@@ -110,7 +135,7 @@ def run_mlp(task, method, seed, epochs, small=False, batch_size=64):
         out, act, loss = y.shape[1], "sigmoid", "binary_crossentropy"
     else:
         out, act, loss = 10, "softmax", "sparse_categorical_crossentropy"
-    model = build_mlp(method, x.shape[1], out, act)
+    model = build_mlp(method, x.shape[1], out, act, dni_layers=dni_layers)
     model.compile(keras.optimizers.Adam(1e-3), loss)
     curve = []
 
@@ -138,6 +163,7 @@ def run_mlp(task, method, seed, epochs, small=False, batch_size=64):
             "epochs": epochs,
             "batch_size": batch_size,
             "hidden": [256, 256, 256],
+            "dni_layers": None if dni_layers is None else sorted(dni_layers),
             "optimizer": "adam(1e-3)",
             "train_size": len(x),
             "test_size": len(xt),
@@ -323,17 +349,23 @@ def summarise(records):
     copy = [r for r in records if r["task"] == "copy"]
     if copy:
         lines.append("")
-        lines.append("| truncation T | method | max N per seed | mean |")
-        lines.append("|---|---|---|---|")
+        lines.append("| truncation T | method | max N per seed | mean | x BPTT |")
+        lines.append("|---|---|---|---|---|")
         for t in sorted({r["truncation"] for r in copy}):
+            base = None
             for method in dict.fromkeys(r["method"] for r in copy):
                 vals = [
                     r["metrics"]["max_length"]
                     for r in copy
                     if r["truncation"] == t and r["method"] == method
                 ]
-                if vals:
-                    lines.append(f"| {t} | {method} | {vals} | {np.mean(vals):.1f} |")
+                if not vals:
+                    continue
+                mean = float(np.mean(vals))
+                if method == "bptt":
+                    base = mean
+                ratio = f"x{mean / base:.2f}" if base else "-"
+                lines.append(f"| {t} | {method} | {vals} | {mean:.1f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -472,6 +504,12 @@ def make_parser():
         help="timing: compile with XLA (default: Keras' 'auto', no XLA on CPU)",
     )
     parser.add_argument(
+        "--dni-layers",
+        default=None,
+        help="MLP tasks: comma-separated indices of the hidden layers that are "
+        "DNI layers for dni/cdni, 0 = bottom (default: all three)",
+    )
+    parser.add_argument(
         "--truncations", default="2,3,5,8", help="copy: truncation lengths"
     )
     parser.add_argument(
@@ -489,6 +527,15 @@ def main(argv=None):
         methods = _parse_list(args.methods, METHODS, "method")
         if args.task == "copy":
             methods = [m for m in methods if m != "cdni"]
+        dni_layers = None
+        if args.dni_layers is not None:
+            if args.task not in MLP_TASKS:
+                raise argparse.ArgumentTypeError(
+                    f"--dni-layers applies to the MLP tasks "
+                    f"({', '.join(MLP_TASKS)}), not to {args.task!r}"
+                )
+            dni_layers = _parse_list(args.dni_layers, ("0", "1", "2"), "--dni-layers")
+            dni_layers = sorted({int(i) for i in dni_layers})
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
     if args.seeds <= 0:
@@ -501,7 +548,14 @@ def main(argv=None):
         epochs = args.epochs or (2 if args.small else 30)
         for method in methods:
             for seed in range(args.seeds):
-                record = run_mlp(args.task, method, seed, epochs, small=args.small)
+                record = run_mlp(
+                    args.task,
+                    method,
+                    seed,
+                    epochs,
+                    small=args.small,
+                    dni_layers=dni_layers,
+                )
                 records.append(record)
                 m = record["metrics"]
                 acc = m.get("accuracy", m.get("exact_accuracy"))

@@ -234,6 +234,18 @@ class DNITrainerMixin:
         self._track_loss(loss, x)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
+    def test_step(self, data):
+        # `M` is not trained in evaluation: its regression losses have no
+        # value there, so they stay out of `evaluate`'s logs and out of the
+        # `val_*` entries that `fit(validation_data=...)` records.
+        logs = super().test_step(data)
+        names = {self._sg_total.name} | {
+            layer.sg_loss_tracker.name
+            for layer in synthetic_gradient_layers(self)
+            if hasattr(layer, "sg_loss_tracker")
+        }
+        return {key: value for key, value in logs.items() if key not in names}
+
     def _track_loss(self, loss, x):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         batch = tf.shape(tf.nest.flatten(x)[0])[0]
@@ -256,7 +268,9 @@ class DNISequential(DNITrainerMixin, keras.Sequential):
     - conditional DNI (`conditional=True` layers see the batch's labels);
     - mixed precision (`mixed_float16`): the loss scale is removed from the
       gradient models' targets;
-    - the `sg_loss` metric (mean of the per-layer `sg_loss_<layer>`);
+    - the `sg_loss` metric (mean of the per-layer `sg_loss_<layer>`), in
+      the training logs only: `evaluate` (and `val_*` in `fit`) leaves them
+      out, since the gradient models are not trained there;
     - `keras_dni.callbacks.SyntheticGradientMonitor` support.
 
     One forward and one backward pass per step, as for backprop.

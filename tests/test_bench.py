@@ -18,6 +18,8 @@ from keras_dni import data
         (["nope"], "unknown task 'nope'"),
         (["digits", "--methods", "backprop,sgd"], "invalid method.*sgd"),
         (["digits", "--seeds", "0"], "--seeds must be a positive integer"),
+        (["digits", "--dni-layers", "1,3"], "invalid --dni-layers.*3"),
+        (["timing", "--dni-layers", "1"], "--dni-layers applies to the MLP"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
@@ -40,6 +42,20 @@ def test_module_entry_point_rejects_unknown_task():
     assert "unknown task" in result.stderr
 
 
+def test_dni_layers_picks_the_decoupled_hidden_layers():
+    import keras
+
+    import keras_dni
+
+    model = bench.build_mlp("dni", 8, 3, "softmax", width=4, dni_layers=[2])
+    kinds = [type(layer) for layer in model.layers]
+    assert kinds[:3] == [keras.layers.Dense, keras.layers.Dense, keras_dni.DNIDense]
+    every = bench.build_mlp("cdni", 8, 3, "softmax", width=4)
+    assert all(isinstance(layer, keras_dni.DNIDense) for layer in every.layers[:3])
+    with pytest.raises(ValueError, match="dni_layers"):
+        bench.build_mlp("dni", 8, 3, "softmax", dni_layers=[3])
+
+
 def _check_records(out_dir, task, methods):
     with open(os.path.join(out_dir, "results.json")) as f:
         records = json.load(f)
@@ -51,7 +67,7 @@ def _check_records(out_dir, task, methods):
     return records
 
 
-@pytest.mark.parametrize("task", ["digits", "binary-addition"])
+@pytest.mark.parametrize("task", ["digits", "mnist5k", "mnist1d", "binary-addition"])
 def test_smoke_mlp_tasks(task, tmp_path):
     out = str(tmp_path)
     assert (
@@ -62,6 +78,17 @@ def test_smoke_mlp_tasks(task, tmp_path):
     for record in records:
         assert len(record["metrics"]["curve"]) == 1
         assert 0.0 <= record["metrics"]["curve"][0] <= 1.0
+
+
+def test_smoke_copy(tmp_path):
+    out = str(tmp_path)
+    argv = ["copy", "--small", "--seeds", "1", "--truncations", "2", "--out", out]
+    assert bench.main(argv) == 0
+    records = _check_records(out, "copy", ["bptt", "dni"])
+    for record in records:
+        assert record["truncation"] == 2
+        assert record["config"] == {"steps": 20}
+        assert 0 <= record["metrics"]["max_length"] <= 64
 
 
 def test_smoke_timing(tmp_path):

@@ -142,6 +142,27 @@ def test_conditional_float_targets_and_functional_model():
     assert np.isfinite(history.history["loss"]).all()
 
 
+def test_validation_logs_leave_out_the_sg_losses():
+    # `M` is not trained in evaluation, so `val_sg_loss*` would be a
+    # meaningless 0.0.
+    x, y = _data()
+    model = keras_dni.DNISequential(
+        [
+            keras.Input((D_IN,)),
+            keras_dni.DNIDense(UNITS, activation="relu", name="a"),
+            keras.layers.Dense(D_OUT),
+        ]
+    )
+    model.compile("adam", "mse", metrics=["mae"])
+    history = model.fit(x, y, batch_size=4, epochs=2, validation_data=(x, y), verbose=0)
+    assert {"loss", "mae", "sg_loss", "sg_loss_a", "val_loss", "val_mae"} == set(
+        history.history
+    )
+    assert history.history["sg_loss_a"][-1] > 0.0
+    logs = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert set(logs) == {"loss", "mae"}
+
+
 def test_history_has_per_layer_and_total_sg_loss():
     x, y = _data()
     model = keras_dni.DNISequential(
