@@ -5,7 +5,10 @@ Tasks:
 - `digits`, `mnist5k`, `mnist1d`, `binary-addition`: the same MLP (3 hidden
   layers of 256, ReLU; Adam 1e-3, batch 64) trained with backprop
   (`keras.layers.Dense`), DNI and cDNI (`keras_dni.DNIDense` in a
-  `DNISequential`); held-out accuracy after every epoch.
+  `DNISequential`); held-out accuracy after every epoch. With
+  `--arch cnn`, `digits` and `mnist5k` train a small CNN instead (two 3x3
+  convolutions of 32 and 64 filters, each followed by 2x2 max-pooling, then
+  the softmax layer; `keras_dni.DNIConv2D` for DNI and cDNI).
 - `copy`: the recurrent copy task (truncated BPTT vs DNI), if
   `keras_dni.copy_task` is available.
 - `timing`: training-step time of DNI and cDNI relative to backprop for
@@ -30,6 +33,8 @@ import numpy as np
 
 METHODS = ("backprop", "dni", "cdni")
 MLP_TASKS = ("digits", "mnist5k", "mnist1d", "binary-addition")
+IMAGE_TASKS = ("digits", "mnist5k")
+ARCHS = ("mlp", "cnn")
 TASKS = MLP_TASKS + ("copy", "timing")
 
 
@@ -91,6 +96,35 @@ def build_mlp(
     return keras_dni.DNISequential(layers)
 
 
+def build_cnn(method, image_size, output_dim):
+    """The benchmark CNN for one method, on `image_size` square images."""
+    import keras
+
+    import keras_dni
+
+    if method not in METHODS:
+        raise ValueError(
+            f"Received an invalid value for `method`, expected one of "
+            f"{list(METHODS)}. Received: method={method!r}"
+        )
+    if method == "backprop":
+        conv, kwargs, cls = keras.layers.Conv2D, {}, keras.Sequential
+    else:
+        conv, cls = keras_dni.DNIConv2D, keras_dni.DNISequential
+        kwargs = {"conditional": method == "cdni"}
+    return cls(
+        [
+            keras.Input((image_size, image_size, 1)),
+            conv(32, 3, padding="same", activation="relu", name="conv_0", **kwargs),
+            keras.layers.MaxPooling2D(),
+            conv(64, 3, padding="same", activation="relu", name="conv_1", **kwargs),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(output_dim, activation="softmax", name="output"),
+        ]
+    )
+
+
 def load_task(task, small=False):
     """Returns `(x, y, x_test, y_test, kind)` for an MLP task."""
     from keras_dni import data
@@ -122,20 +156,41 @@ def _score(pred, y, kind):
     return {"accuracy": float((pred.argmax(axis=1) == y).mean())}
 
 
-def run_mlp(task, method, seed, epochs, small=False, batch_size=64, dni_layers=None):
+def run_mlp(
+    task,
+    method,
+    seed,
+    epochs,
+    small=False,
+    batch_size=64,
+    dni_layers=None,
+    arch="mlp",
+):
     """Trains one model; returns a results record.
 
     `dni_layers` is passed to `build_mlp` (`None`: all hidden layers).
+    `arch="cnn"` trains `build_cnn` instead, for `IMAGE_TASKS`.
     """
     import keras
 
     x, y, xt, yt, kind = load_task(task, small=small)
+    if arch == "cnn":
+        if task not in IMAGE_TASKS or dni_layers is not None:
+            raise ValueError(
+                f"`arch='cnn'` applies to the tasks {list(IMAGE_TASKS)}, without "
+                f"`dni_layers`. Received: task={task!r}, dni_layers={dni_layers!r}"
+            )
+        size = int(round(np.sqrt(x.shape[1])))
+        x, xt = x.reshape(-1, size, size, 1), xt.reshape(-1, size, size, 1)
     keras.utils.set_random_seed(seed)
     if kind == "bits":
         out, act, loss = y.shape[1], "sigmoid", "binary_crossentropy"
     else:
         out, act, loss = 10, "softmax", "sparse_categorical_crossentropy"
-    model = build_mlp(method, x.shape[1], out, act, dni_layers=dni_layers)
+    if arch == "cnn":
+        model = build_cnn(method, x.shape[1], out)
+    else:
+        model = build_mlp(method, x.shape[1], out, act, dni_layers=dni_layers)
     model.compile(keras.optimizers.Adam(1e-3), loss)
     curve = []
 
@@ -162,7 +217,8 @@ def run_mlp(task, method, seed, epochs, small=False, batch_size=64, dni_layers=N
         "config": {
             "epochs": epochs,
             "batch_size": batch_size,
-            "hidden": [256, 256, 256],
+            "arch": arch,
+            "hidden": [32, 64] if arch == "cnn" else [256, 256, 256],
             "dni_layers": None if dni_layers is None else sorted(dni_layers),
             "optimizer": "adam(1e-3)",
             "train_size": len(x),
@@ -299,6 +355,13 @@ def run_timing(
 
 
 # ---------------------------------------------------------------- output
+def _group(record):
+    """The table row / plot name of a record: its task, `-cnn` for CNNs."""
+    if record.get("config", {}).get("arch") == "cnn":
+        return record["task"] + "-cnn"
+    return record["task"]
+
+
 def summarise(records):
     """Markdown table: mean ± std over seeds per task, metric and method."""
     lines = []
@@ -307,8 +370,8 @@ def summarise(records):
         methods = [m for m in METHODS if any(r["method"] == m for r in acc_records)]
         lines.append("| task | metric | " + " | ".join(methods) + " |")
         lines.append("|---|---|" + "---|" * len(methods))
-        for task in dict.fromkeys(r["task"] for r in acc_records):
-            rows = [r for r in acc_records if r["task"] == task]
+        for task in dict.fromkeys(_group(r) for r in acc_records):
+            rows = [r for r in acc_records if _group(r) == task]
             keys = [k for k in rows[0]["metrics"] if k.endswith("accuracy")]
             for key in keys:
                 cells = []
@@ -377,9 +440,9 @@ def plot(records, out_dir):
     import matplotlib.pyplot as plt
 
     paths = []
-    for task in dict.fromkeys(r["task"] for r in records):
-        rows = [r for r in records if r["task"] == task]
-        if task in MLP_TASKS:
+    for task in dict.fromkeys(_group(r) for r in records):
+        rows = [r for r in records if _group(r) == task]
+        if rows[0]["task"] in MLP_TASKS:
             fig, ax = plt.subplots(figsize=(5, 3.5))
             for method in dict.fromkeys(r["method"] for r in rows):
                 curves = (
@@ -504,6 +567,11 @@ def make_parser():
         help="timing: compile with XLA (default: Keras' 'auto', no XLA on CPU)",
     )
     parser.add_argument(
+        "--arch",
+        default="mlp",
+        help=f"digits, mnist5k: the network, one of {', '.join(ARCHS)} (default mlp)",
+    )
+    parser.add_argument(
         "--dni-layers",
         default=None,
         help="MLP tasks: comma-separated indices of the hidden layers that are "
@@ -527,6 +595,17 @@ def main(argv=None):
         methods = _parse_list(args.methods, METHODS, "method")
         if args.task == "copy":
             methods = [m for m in methods if m != "cdni"]
+        if args.arch not in ARCHS:
+            raise argparse.ArgumentTypeError(
+                f"invalid --arch {args.arch!r}: expected one of {', '.join(ARCHS)}"
+            )
+        if args.arch == "cnn" and args.task not in IMAGE_TASKS:
+            raise argparse.ArgumentTypeError(
+                f"--arch cnn applies to the tasks {', '.join(IMAGE_TASKS)}, "
+                f"not to {args.task!r}"
+            )
+        if args.arch == "cnn" and args.dni_layers is not None:
+            raise argparse.ArgumentTypeError("--dni-layers applies to --arch mlp")
         dni_layers = None
         if args.dni_layers is not None:
             if args.task not in MLP_TASKS:
@@ -555,6 +634,7 @@ def main(argv=None):
                     epochs,
                     small=args.small,
                     dni_layers=dni_layers,
+                    arch=args.arch,
                 )
                 records.append(record)
                 m = record["metrics"]

@@ -20,6 +20,9 @@ from keras_dni import data
         (["digits", "--seeds", "0"], "--seeds must be a positive integer"),
         (["digits", "--dni-layers", "1,3"], "invalid --dni-layers.*3"),
         (["timing", "--dni-layers", "1"], "--dni-layers applies to the MLP"),
+        (["digits", "--arch", "rnn"], "invalid --arch 'rnn'"),
+        (["mnist1d", "--arch", "cnn"], "--arch cnn applies to the tasks digits"),
+        (["digits", "--arch", "cnn", "--dni-layers", "1"], "--dni-layers applies"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
@@ -78,6 +81,24 @@ def test_smoke_mlp_tasks(task, tmp_path):
     for record in records:
         assert len(record["metrics"]["curve"]) == 1
         assert 0.0 <= record["metrics"]["curve"][0] <= 1.0
+
+
+def test_smoke_cnn(tmp_path):
+    import keras_dni
+
+    out = str(tmp_path)
+    argv = ["digits", "--arch", "cnn", "--small", "--seeds", "1", "--epochs", "1"]
+    assert bench.main(argv + ["--out", out]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        records = json.load(f)
+    assert [r["method"] for r in records] == ["backprop", "dni", "cdni"]
+    assert all(r["config"]["arch"] == "cnn" for r in records)
+    assert os.path.getsize(os.path.join(out, "digits-cnn.png")) > 1000
+    assert "| digits-cnn | accuracy (%) |" in bench.summarise(records)
+    model = bench.build_cnn("cdni", 8, 10)
+    convs = [layer for layer in model.layers if "conv" in layer.name]
+    assert all(isinstance(layer, keras_dni.DNIConv2D) for layer in convs)
+    assert model.output_shape == (None, 10)
 
 
 def test_smoke_copy(tmp_path):
