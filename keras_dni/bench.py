@@ -173,6 +173,11 @@ def run_mlp(
     """
     import keras
 
+    if arch not in ARCHS:
+        raise ValueError(
+            f"Received an invalid value for `arch`, expected one of {list(ARCHS)}. "
+            f"Received: arch={arch!r}"
+        )
     x, y, xt, yt, kind = load_task(task, small=small)
     if arch == "cnn":
         if task not in IMAGE_TASKS or dni_layers is not None:

@@ -99,6 +99,10 @@ def test_smoke_cnn(tmp_path):
     convs = [layer for layer in model.layers if "conv" in layer.name]
     assert all(isinstance(layer, keras_dni.DNIConv2D) for layer in convs)
     assert model.output_shape == (None, 10)
+    with pytest.raises(ValueError, match="arch"):
+        bench.run_mlp("digits", "dni", 0, 1, small=True, arch="rnn")
+    with pytest.raises(ValueError, match="arch='cnn'"):
+        bench.run_mlp("binary-addition", "dni", 0, 1, small=True, arch="cnn")
 
 
 def test_smoke_copy(tmp_path):
