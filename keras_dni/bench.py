@@ -39,6 +39,14 @@ TASKS = MLP_TASKS + ("copy", "timing")
 
 
 # ---------------------------------------------------------------- models
+def _check_method(method):
+    if method not in METHODS:
+        raise ValueError(
+            f"Received an invalid value for `method`, expected one of "
+            f"{list(METHODS)}. Received: method={method!r}"
+        )
+
+
 def build_mlp(
     method,
     input_dim,
@@ -58,11 +66,7 @@ def build_mlp(
 
     import keras_dni
 
-    if method not in METHODS:
-        raise ValueError(
-            f"Received an invalid value for `method`, expected one of "
-            f"{list(METHODS)}. Received: method={method!r}"
-        )
+    _check_method(method)
     if dni_layers is None:
         dni_layers = range(depth)
     bad = [i for i in dni_layers if not 0 <= i < depth]
@@ -102,11 +106,7 @@ def build_cnn(method, image_size, output_dim):
 
     import keras_dni
 
-    if method not in METHODS:
-        raise ValueError(
-            f"Received an invalid value for `method`, expected one of "
-            f"{list(METHODS)}. Received: method={method!r}"
-        )
+    _check_method(method)
     if method == "backprop":
         conv, kwargs, cls = keras.layers.Conv2D, {}, keras.Sequential
     else:
