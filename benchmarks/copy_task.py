@@ -7,7 +7,7 @@ under the curriculum of `keras_dni.copy_task.run_copy_task` (N grows by one
 when the error falls below 0.15 bits per output step). Prints a Markdown
 table of the largest N solved.
 
-    python benchmarks/copy_task.py --truncations 2,3,5,8 --seeds 2 --steps 10000
+    python benchmarks/copy_task.py --steps 20000 --start-length 2
 
 Runs `--jobs` trainings at a time, each in its own process with one
 TensorFlow thread.
@@ -61,6 +61,7 @@ def main():
     parser.add_argument("--truncations", default="2,3,5,8")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10000)
+    parser.add_argument("--start-length", type=int, default=1)
     parser.add_argument("--units", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
@@ -85,6 +86,7 @@ def main():
                         "steps": args.steps,
                         "seed": seed,
                         "units": args.units,
+                        "start_length": args.start_length,
                         "batch_size": args.batch_size,
                         "learning_rate": args.learning_rate,
                         "sg_learning_rate": args.sg_learning_rate,
@@ -109,7 +111,8 @@ def main():
         f"Copy task, largest N solved (< 0.15 bits/step) in {args.steps} steps, "
         f"LSTM {args.units}, batch {args.batch_size}, Adam "
         f"{args.learning_rate:g} (M: {args.sg_learning_rate or 'default'}), "
-        f"M input normalization {norm}; {time.time() - start:.0f} s in all."
+        f"M input normalization {norm}, curriculum from N={args.start_length}; "
+        f"{time.time() - start:.0f} s in all."
     )
     print()
     print(_table(records, truncations, seeds))

@@ -312,7 +312,8 @@ def run_timing(
                 "sparse_categorical_crossentropy",
                 jit_compile=jit_compile,
             )
-            model.fit(dataset, steps_per_epoch=5, epochs=1, verbose=0)  # trace
+            # Traces the step (`shuffle=False`: `fit` cannot shuffle a Dataset).
+            model.fit(dataset, steps_per_epoch=5, epochs=1, shuffle=False, verbose=0)
             models[method] = model
             timers[method] = _StepTimer()
         for _ in range(repeats):
@@ -321,6 +322,7 @@ def run_timing(
                     dataset,
                     steps_per_epoch=steps + 1,
                     epochs=1,
+                    shuffle=False,
                     verbose=0,
                     callbacks=[timers[method].callback],
                 )
@@ -588,6 +590,12 @@ def make_parser():
     parser.add_argument(
         "--steps", type=int, default=None, help="copy: training steps per run"
     )
+    parser.add_argument(
+        "--start-length",
+        type=int,
+        default=1,
+        help="copy: the first N of the curriculum (default 1)",
+    )
     return parser
 
 
@@ -626,6 +634,10 @@ def main(argv=None):
         parser.error(f"--seeds must be a positive integer, got {args.seeds}")
     if args.epochs is not None and args.epochs <= 0:
         parser.error(f"--epochs must be a positive integer, got {args.epochs}")
+    if args.start_length <= 0:
+        parser.error(
+            f"--start-length must be a positive integer, got {args.start_length}"
+        )
     os.makedirs(args.out, exist_ok=True)
     records = []
     if args.task in MLP_TASKS:
@@ -689,6 +701,7 @@ def run_copy(args, methods):
                     synthetic_gradient=method != "backprop",
                     steps=steps,
                     seed=seed,
+                    start_length=args.start_length,
                 )
                 records.append(
                     {
@@ -697,7 +710,10 @@ def run_copy(args, methods):
                         "seed": seed,
                         "truncation": t,
                         "metrics": result,
-                        "config": {"steps": steps},
+                        "config": {
+                            "steps": steps,
+                            "start_length": args.start_length,
+                        },
                     }
                 )
                 print(

@@ -23,6 +23,7 @@ from keras_dni import data
         (["digits", "--arch", "rnn"], "invalid --arch 'rnn'"),
         (["mnist1d", "--arch", "cnn"], "--arch cnn applies to the tasks digits"),
         (["digits", "--arch", "cnn", "--dni-layers", "1"], "--dni-layers applies"),
+        (["copy", "--start-length", "0"], "--start-length must be a positive"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
@@ -108,11 +109,11 @@ def test_smoke_cnn(tmp_path):
 def test_smoke_copy(tmp_path):
     out = str(tmp_path)
     argv = ["copy", "--small", "--seeds", "1", "--truncations", "2", "--out", out]
-    assert bench.main(argv) == 0
+    assert bench.main(argv + ["--start-length", "2"]) == 0
     records = _check_records(out, "copy", ["bptt", "dni"])
     for record in records:
         assert record["truncation"] == 2
-        assert record["config"] == {"steps": 20}
+        assert record["config"] == {"steps": 20, "start_length": 2}
         assert 0 <= record["metrics"]["max_length"] <= 64
 
 

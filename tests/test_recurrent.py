@@ -460,6 +460,37 @@ def test_run_copy_task_smoke():
     assert result["steps"] == 4 and result["max_length"] == 0
 
 
+def test_run_copy_task_curriculum_starts_at_start_length():
+    # Any error is below this threshold: every window solves the current N.
+    result = copy_task.run_copy_task(
+        truncation=2,
+        synthetic_gradient=False,
+        steps=6,
+        seed=0,
+        units=4,
+        window=2,
+        threshold=1e9,
+        start_length=3,
+        max_length=4,
+    )
+    assert result["history"] == [(2, 3), (4, 4)]
+    assert result["max_length"] == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"start_length": 0}, "`start_length`.*start_length=0"),
+        ({"start_length": 5, "max_length": 4}, "`start_length`.*at most"),
+    ],
+)
+def test_run_copy_task_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        copy_task.run_copy_task(
+            truncation=2, synthetic_gradient=False, steps=1, seed=0, **kwargs
+        )
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
