@@ -20,6 +20,8 @@ import multiprocessing
 import os
 import time
 
+MAX_LENGTH = 64  # the curriculum stops at this N
+
 
 def _run(kwargs):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -72,6 +74,11 @@ def main():
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
+    if not 1 <= args.start_length <= MAX_LENGTH:
+        parser.error(
+            f"--start-length must be an integer in [1, {MAX_LENGTH}], "
+            f"got {args.start_length}"
+        )
     truncations = [int(t) for t in args.truncations.split(",")]
     seeds = list(range(args.seeds))
     norm = None if args.sg_input_normalization == "none" else "layer"
@@ -87,6 +94,7 @@ def main():
                         "seed": seed,
                         "units": args.units,
                         "start_length": args.start_length,
+                        "max_length": MAX_LENGTH,
                         "batch_size": args.batch_size,
                         "learning_rate": args.learning_rate,
                         "sg_learning_rate": args.sg_learning_rate,

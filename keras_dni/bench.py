@@ -36,6 +36,7 @@ MLP_TASKS = ("digits", "mnist5k", "mnist1d", "binary-addition")
 IMAGE_TASKS = ("digits", "mnist5k")
 ARCHS = ("mlp", "cnn")
 TASKS = MLP_TASKS + ("copy", "timing")
+COPY_MAX_LENGTH = 64  # copy: the curriculum stops at this N
 
 
 # ---------------------------------------------------------------- models
@@ -634,9 +635,10 @@ def main(argv=None):
         parser.error(f"--seeds must be a positive integer, got {args.seeds}")
     if args.epochs is not None and args.epochs <= 0:
         parser.error(f"--epochs must be a positive integer, got {args.epochs}")
-    if args.start_length <= 0:
+    if not 1 <= args.start_length <= COPY_MAX_LENGTH:
         parser.error(
-            f"--start-length must be a positive integer, got {args.start_length}"
+            f"--start-length must be an integer in [1, {COPY_MAX_LENGTH}] (the "
+            f"copy curriculum's largest N), got {args.start_length}"
         )
     os.makedirs(args.out, exist_ok=True)
     records = []
@@ -702,6 +704,7 @@ def run_copy(args, methods):
                     steps=steps,
                     seed=seed,
                     start_length=args.start_length,
+                    max_length=COPY_MAX_LENGTH,
                 )
                 records.append(
                     {

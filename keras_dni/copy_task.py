@@ -153,7 +153,7 @@ def run_copy_task(
             a sequence of `N = 1` (3 time steps) fits in one chunk, so that
             stage trains both methods with full backprop; on the copy task
             it can leave DNI in a state from which it does not learn
-            `N = 3` (see the README), so the benchmarks start at 2.
+            `N = 3` (see the README, whose recurrent table starts at 2).
         sg_input_normalization, sg_hidden_units: passed to `DNIRNN`.
         verbose: print each curriculum step.
 

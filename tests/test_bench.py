@@ -23,7 +23,8 @@ from keras_dni import data
         (["digits", "--arch", "rnn"], "invalid --arch 'rnn'"),
         (["mnist1d", "--arch", "cnn"], "--arch cnn applies to the tasks digits"),
         (["digits", "--arch", "cnn", "--dni-layers", "1"], "--dni-layers applies"),
-        (["copy", "--start-length", "0"], "--start-length must be a positive"),
+        (["copy", "--start-length", "0"], "--start-length must be an integer in"),
+        (["copy", "--start-length", "65"], r"--start-length must be .*\[1, 64\]"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
