@@ -7,7 +7,7 @@ under the curriculum of `keras_dni.copy_task.run_copy_task` (N grows by one
 when the error falls below 0.15 bits per output step). Prints a Markdown
 table of the largest N solved.
 
-    python benchmarks/copy_task.py --steps 20000 --start-length 2
+    python benchmarks/copy_task.py --steps 20000 --start-length auto
 
 Runs `--jobs` trainings at a time, each in its own process with one
 TensorFlow thread.
@@ -35,25 +35,39 @@ def _run(kwargs):
     return kwargs, result
 
 
+def _start_length(value):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto' or an integer, got {value!r}"
+        ) from None
+
+
 def _table(records, truncations, seeds):
     by_key = {
         (r["truncation"], r["synthetic_gradient"], r["seed"]): r["max_length"]
         for r in records
     }
+    first = {r["truncation"]: r["start_length"] for r in records}
     lines = [
-        "| T | truncated BPTT: N per seed | mean | DNI: N per seed | mean "
-        "| DNI / BPTT |",
-        "|---|---|---|---|---|---|",
+        "| T | first N | truncated BPTT: N per seed | mean | DNI: N per seed "
+        "| mean | DNI / BPTT |",
+        "|---|---|---|---|---|---|---|",
     ]
     for t in truncations:
-        row = [str(t)]
+        row = [str(t), str(first[t])]
         means = []
         for sg in (False, True):
             values = [by_key[(t, sg, s)] for s in seeds]
             means.append(sum(values) / len(values))
             row += [", ".join(str(v) for v in values), f"{means[-1]:.1f}"]
-        ratio = means[1] / means[0] if means[0] else float("inf")
-        row.append(f"{ratio:.2f}x")
+        if means[0]:
+            row.append(f"{means[1] / means[0]:.2f}x")
+        else:  # truncated BPTT never solved the first N
+            row.append("BPTT 0" if means[1] else "-")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -63,7 +77,13 @@ def main():
     parser.add_argument("--truncations", default="2,3,5,8")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10000)
-    parser.add_argument("--start-length", type=int, default=1)
+    parser.add_argument(
+        "--start-length",
+        type=_start_length,
+        default=1,
+        help="the first N of the curriculum, or 'auto': per T, the first N "
+        "whose sequence spans more than one chunk, ceil(T/2)",
+    )
     parser.add_argument("--units", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
@@ -74,16 +94,17 @@ def main():
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args()
-    if not 1 <= args.start_length <= MAX_LENGTH:
+    if args.start_length != "auto" and not 1 <= args.start_length <= MAX_LENGTH:
         parser.error(
-            f"--start-length must be an integer in [1, {MAX_LENGTH}], "
+            f"--start-length must be 'auto' or an integer in [1, {MAX_LENGTH}], "
             f"got {args.start_length}"
         )
-    truncations = [int(t) for t in args.truncations.split(",")]
+    truncations = sorted({int(t) for t in args.truncations.split(",")})
     seeds = list(range(args.seeds))
     norm = None if args.sg_input_normalization == "none" else "layer"
     jobs = []
-    for t in truncations:
+    # Longest sequences (largest T, hence largest N) first: better packing.
+    for t in reversed(truncations):
         for seed in seeds:
             for sg in (False, True):
                 jobs.append(
@@ -105,7 +126,9 @@ def main():
     start = time.time()
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        for kwargs, result in pool.map(_run, jobs):
+        futures = [pool.submit(_run, job) for job in jobs]
+        for future in concurrent.futures.as_completed(futures):
+            kwargs, result = future.result()
             record = {**kwargs, **result}
             records.append(record)
             method = "DNI" if kwargs["synthetic_gradient"] else "truncated BPTT"
@@ -114,6 +137,7 @@ def main():
                 f"N={result['max_length']} ({result['seconds']:.0f} s)",
                 flush=True,
             )
+    records.sort(key=lambda r: (r["truncation"], r["seed"], r["synthetic_gradient"]))
     print()
     print(
         f"Copy task, largest N solved (< 0.15 bits/step) in {args.steps} steps, "

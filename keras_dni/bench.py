@@ -544,6 +544,18 @@ def _parse_list(value, allowed, name):
     return items
 
 
+def _start_length_arg(value):
+    """`--start-length`: `'auto'` or an int (range-checked in `main`)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto' or an integer, got {value!r}"
+        ) from None
+
+
 def make_parser():
     parser = argparse.ArgumentParser(
         prog="python -m keras_dni.bench",
@@ -593,9 +605,10 @@ def make_parser():
     )
     parser.add_argument(
         "--start-length",
-        type=int,
+        type=_start_length_arg,
         default=1,
-        help="copy: the first N of the curriculum (default 1)",
+        help="copy: the first N of the curriculum (default 1), or 'auto': per "
+        "T, the first N whose sequence spans more than one chunk, ceil(T/2)",
     )
     return parser
 
@@ -635,10 +648,11 @@ def main(argv=None):
         parser.error(f"--seeds must be a positive integer, got {args.seeds}")
     if args.epochs is not None and args.epochs <= 0:
         parser.error(f"--epochs must be a positive integer, got {args.epochs}")
-    if not 1 <= args.start_length <= COPY_MAX_LENGTH:
+    if args.start_length != "auto" and not 1 <= args.start_length <= COPY_MAX_LENGTH:
         parser.error(
-            f"--start-length must be an integer in [1, {COPY_MAX_LENGTH}] (the "
-            f"copy curriculum's largest N), got {args.start_length}"
+            f"--start-length must be 'auto' or an integer in [1, "
+            f"{COPY_MAX_LENGTH}] (the copy curriculum's largest N), got "
+            f"{args.start_length}"
         )
     os.makedirs(args.out, exist_ok=True)
     records = []
@@ -715,7 +729,7 @@ def run_copy(args, methods):
                         "metrics": result,
                         "config": {
                             "steps": steps,
-                            "start_length": args.start_length,
+                            "start_length": result["start_length"],
                         },
                     }
                 )

@@ -81,6 +81,29 @@ def bits_per_step(y, logits, weights):
     return tf.reduce_sum(per_step * weights) / tf.reduce_sum(weights)
 
 
+def first_truncated_length(truncation):
+    """The smallest `N` whose copy sequence does not fit in one chunk.
+
+    A sequence for `N` has `2N + 1` time steps; while `2N + 1 <= truncation`
+    it lies in a single chunk, so truncated BPTT is full backprop there and
+    `DNIRNN` has no border to put a synthetic gradient on. The first `N`
+    that truncation affects is `ceil(truncation / 2)`.
+
+    Args:
+        truncation: positive int, the truncation length `T`.
+
+    Returns:
+        An int, `(truncation + 1) // 2`.
+
+    Example:
+
+    >>> from keras_dni.copy_task import first_truncated_length
+    >>> [first_truncated_length(t) for t in (2, 3, 5, 8)]
+    [1, 2, 3, 4]
+    """
+    return (_positive_int("truncation", truncation) + 1) // 2
+
+
 def build_copy_model(
     truncation,
     synthetic_gradient,
@@ -159,19 +182,30 @@ def run_copy_task(
 
     Returns:
         A dict: `max_length` (largest `N` solved; 0 if none, also when the
-        curriculum never solved `start_length`), `steps`,
-        `seconds`, and `history`, a list of `(step, N)` at which each `N`
-        was solved.
+        curriculum never solved its first `N`), `start_length` (that first
+        `N`), `steps`, `seconds`, and `history`, a list of `(step, N)` at
+        which each `N` was solved.
     """
     truncation = _positive_int("truncation", truncation)
     steps = _positive_int("steps", steps)
     window = _positive_int("window", window)
     max_length = _positive_int("max_length", max_length)
-    start_length = _positive_int("start_length", start_length)
+    if isinstance(start_length, str):
+        if start_length != "auto":
+            raise ValueError(
+                "Received an invalid value for `start_length`, expected a "
+                "positive integer or 'auto'. "
+                f"Received: start_length={start_length!r}"
+            )
+        start_length = first_truncated_length(truncation)
+        received = f"'auto' (N={start_length} for truncation={truncation})"
+    else:
+        start_length = _positive_int("start_length", start_length)
+        received = str(start_length)
     if start_length > max_length:
         raise ValueError(
             "Received an invalid value for `start_length`, expected at most "
-            f"`max_length` ({max_length}). Received: start_length={start_length}"
+            f"`max_length` ({max_length}). Received: start_length={received}"
         )
     synthetic_gradient = validation.check_bool("synthetic_gradient", synthetic_gradient)
     keras.utils.set_random_seed(seed)
@@ -240,6 +274,7 @@ def run_copy_task(
                 length += 1
     return {
         "max_length": best,
+        "start_length": start_length,
         "steps": steps,
         "seconds": time.time() - start,
         "history": history,

@@ -102,7 +102,13 @@ class DNIRNN(keras.layers.Layer):
             (sample `i` of a batch continues sample `i` of the previous
             batch). Needs a static batch size; `reset_state()` zeroes the
             state. The synthetic gradient continues across batches (see
-            above).
+            above). On an endless stream `M`'s target is the gradient of
+            the loss of the whole future stream, with nothing to end the
+            bootstrapping: watch `sg_loss_<name>`. On the copy task as one
+            continuous stream (one `truncation`-step chunk per batch) we
+            measured `M`'s predictions growing without bound once the
+            network trained on them; with the network frozen, `M`
+            converged.
         sg_hidden_units: tuple of ints, hidden widths of `M`; `()` (default)
             gives a linear, zero-initialised `M` as in the paper.
         sg_input_normalization: `None` (default) or `"layer"`: whether `M`

@@ -23,7 +23,8 @@ from keras_dni import data
         (["digits", "--arch", "rnn"], "invalid --arch 'rnn'"),
         (["mnist1d", "--arch", "cnn"], "--arch cnn applies to the tasks digits"),
         (["digits", "--arch", "cnn", "--dni-layers", "1"], "--dni-layers applies"),
-        (["copy", "--start-length", "0"], "--start-length must be an integer in"),
+        (["copy", "--start-length", "0"], "--start-length must be 'auto' or an"),
+        (["copy", "--start-length", "two"], "expected 'auto' or an integer, got 'two'"),
         (["copy", "--start-length", "65"], r"--start-length must be .*\[1, 64\]"),
     ],
 )
@@ -109,11 +110,12 @@ def test_smoke_cnn(tmp_path):
 
 def test_smoke_copy(tmp_path):
     out = str(tmp_path)
-    argv = ["copy", "--small", "--seeds", "1", "--truncations", "2", "--out", out]
-    assert bench.main(argv + ["--start-length", "2"]) == 0
+    argv = ["copy", "--small", "--seeds", "1", "--truncations", "3", "--out", out]
+    # 'auto': the first N longer than one chunk, 2 for T = 3.
+    assert bench.main(argv + ["--start-length", "auto"]) == 0
     records = _check_records(out, "copy", ["bptt", "dni"])
     for record in records:
-        assert record["truncation"] == 2
+        assert record["truncation"] == 3
         assert record["config"] == {"steps": 20, "start_length": 2}
         assert 0 <= record["metrics"]["max_length"] <= 64
 

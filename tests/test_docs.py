@@ -31,6 +31,7 @@ def test_readme_example_runs(tmp_path, monkeypatch):
         "keras_dni.conv",
         "keras_dni.conversion",
         "keras_dni.recurrent",
+        "keras_dni.copy_task",
     ],
 )
 def test_docstring_examples(module):

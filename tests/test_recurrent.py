@@ -477,17 +477,47 @@ def test_run_copy_task_curriculum_starts_at_start_length():
     assert result["max_length"] == 4
 
 
+def test_first_truncated_length():
+    # 2N + 1 time steps: the first N whose sequence is longer than T.
+    for t in range(1, 20):
+        n = copy_task.first_truncated_length(t)
+        assert 2 * n + 1 > t >= 2 * (n - 1) + 1
+    with pytest.raises(ValueError, match="`truncation`"):
+        copy_task.first_truncated_length(0)
+
+
+def test_run_copy_task_auto_start_length():
+    result = copy_task.run_copy_task(
+        truncation=5,
+        synthetic_gradient=False,
+        steps=2,
+        seed=0,
+        units=4,
+        window=2,
+        threshold=1e9,
+        start_length="auto",
+    )
+    assert result["start_length"] == 3
+    assert result["history"] == [(2, 3)]
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         ({"start_length": 0}, "`start_length`.*start_length=0"),
         ({"start_length": 5, "max_length": 4}, "`start_length`.*at most"),
+        ({"start_length": "first"}, "`start_length`.*'auto'.*'first'"),
+        (
+            {"start_length": "auto", "truncation": 9, "max_length": 4},
+            r"at most `max_length` \(4\).*'auto' \(N=5 for truncation=9\)",
+        ),
     ],
 )
 def test_run_copy_task_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         copy_task.run_copy_task(
-            truncation=2, synthetic_gradient=False, steps=1, seed=0, **kwargs
+            **{"truncation": 2, "synthetic_gradient": False, "steps": 1, "seed": 0}
+            | kwargs
         )
 
 
