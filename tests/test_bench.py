@@ -108,11 +108,12 @@ def test_smoke_cnn(tmp_path):
         bench.run_mlp("binary-addition", "dni", 0, 1, small=True, arch="cnn")
 
 
-def test_smoke_copy(tmp_path):
+@pytest.mark.parametrize("start_length", ["2", "auto"])
+def test_smoke_copy(tmp_path, start_length):
     out = str(tmp_path)
     argv = ["copy", "--small", "--seeds", "1", "--truncations", "3", "--out", out]
     # 'auto': the first N longer than one chunk, 2 for T = 3.
-    assert bench.main(argv + ["--start-length", "auto"]) == 0
+    assert bench.main(argv + ["--start-length", start_length]) == 0
     records = _check_records(out, "copy", ["bptt", "dni"])
     for record in records:
         assert record["truncation"] == 3
