@@ -172,11 +172,12 @@ def run_copy_task(
         threshold: error (bits per time step) below which `N` is solved.
         window: steps averaged for the curriculum decision.
         max_length: the curriculum stops at this `N`.
-        start_length: the first `N` of the curriculum. For `truncation >= 3`
-            a sequence of `N = 1` (3 time steps) fits in one chunk, so that
-            stage trains both methods with full backprop; on the copy task
-            it can leave DNI in a state from which it does not learn
-            `N = 3` (see the README, whose recurrent table starts at 2).
+        start_length: the first `N` of the curriculum, or `"auto"`:
+            `first_truncated_length(truncation)`, the first `N` whose
+            sequence spans more than one chunk. A smaller `N` fits in one
+            chunk, so that stage trains both methods with full backprop; at
+            `truncation=3`, starting at `N = 1` left DNI unable to learn
+            `N = 3` (see the README, whose recurrent table uses `"auto"`).
         sg_input_normalization, sg_hidden_units: passed to `DNIRNN`.
         verbose: print each curriculum step.
 
