@@ -96,7 +96,7 @@ class DNITrainerMixin:
             sg_optimizer: optimizer (instance or identifier) for the gradient
                 models of the DNI layers. `None` gives
                 `keras.optimizers.Adam(1e-3)`, the default measured in
-                `benchmarks/`. The model's `optimizer` updates every other
+                `keras_dni.benchmarks`. The model's `optimizer` updates every other
                 weight, from the synthetic gradients.
             Other arguments: as for `keras.Model.compile`.
         """

@@ -142,7 +142,7 @@ class SyntheticGradient(keras.layers.Layer):
             layer norm). It lets `M` keep up with the layer it serves as
             `h` changes scale during training; without it, deep plain-DNI
             networks trained with Adam can collapse towards chance
-            (measured in `benchmarks/`).
+            (measured with `keras_dni.benchmarks`).
         kernel_size: int or `None`, the size of `M`'s same-padded
             `kernel_size x kernel_size` convolutions, for 4-D `h` only.
             `None` (default) gives 1 for a linear `M` (a 1x1 convolution,

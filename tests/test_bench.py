@@ -1,4 +1,4 @@
-"""The benchmark CLI: argument errors, smoke runs, data generators."""
+"""The benchmarks (`keras_dni.benchmarks`): CLI, smoke runs, data, tables."""
 
 import json
 import os
@@ -8,8 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from keras_dni import bench
-from keras_dni import data
+from keras_dni.benchmarks import cli
+from keras_dni.benchmarks import data
+from keras_dni.benchmarks import models
+from keras_dni.benchmarks import report
+from keras_dni.benchmarks import runs
 
 
 @pytest.mark.parametrize(
@@ -26,11 +29,16 @@ from keras_dni import data
         (["copy", "--start-length", "0"], "--start-length must be 'auto' or an"),
         (["copy", "--start-length", "two"], "expected 'auto' or an integer, got 'two'"),
         (["copy", "--start-length", "65"], r"--start-length must be .*\[1, 64\]"),
+        (["copy", "--jobs", "0"], "--jobs must be a positive integer"),
+        (["digits,nope"], "unknown task 'nope'"),
+        ([","], "unknown task ','"),
+        (["digits,timing", "--dni-layers", "1"], "MLP tasks .*not to 'timing'"),
+        (["digits,mnist1d", "--arch", "cnn"], "not to 'mnist1d'"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(argv)
+        cli.main(argv)
     assert exit_info.value.code != 0
     import re
 
@@ -48,18 +56,60 @@ def test_module_entry_point_rejects_unknown_task():
     assert "unknown task" in result.stderr
 
 
+@pytest.mark.parametrize("module", ["keras_dni.bench", "keras_dni.benchmarks"])
+def test_module_entry_points_print_help(module):
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert text.startswith("usage: python -m keras_dni.bench")
+    assert "digits, mnist5k, mnist1d, binary-addition, copy, timing" in text
+
+
+def test_console_script_target_imports():
+    import configparser
+    import importlib
+
+    from keras_dni import bench
+
+    config = configparser.ConfigParser()
+    config.read(os.path.join(os.path.dirname(__file__), "..", "setup.cfg"))
+    scripts = config["options.entry_points"]["console_scripts"].strip()
+    name, target = (part.strip() for part in scripts.split("="))
+    assert name == "keras-dni-bench"
+    module, function = target.split(":")
+    assert getattr(importlib.import_module(module), function) is bench.main
+    assert bench.main is cli.main and bench.build_mlp is models.build_mlp
+
+
+def test_tasks_map_to_runners():
+    assert cli.TASKS == (
+        "digits",
+        "mnist5k",
+        "mnist1d",
+        "binary-addition",
+        "copy",
+        "timing",
+    )
+    assert all(callable(cli.RUNNERS[task]) for task in cli.TASKS)
+
+
 def test_dni_layers_picks_the_decoupled_hidden_layers():
     import keras
 
     import keras_dni
 
-    model = bench.build_mlp("dni", 8, 3, "softmax", width=4, dni_layers=[2])
+    model = models.build_mlp("dni", 8, 3, "softmax", width=4, dni_layers=[2])
     kinds = [type(layer) for layer in model.layers]
     assert kinds[:3] == [keras.layers.Dense, keras.layers.Dense, keras_dni.DNIDense]
-    every = bench.build_mlp("cdni", 8, 3, "softmax", width=4)
+    every = models.build_mlp("cdni", 8, 3, "softmax", width=4)
     assert all(isinstance(layer, keras_dni.DNIDense) for layer in every.layers[:3])
     with pytest.raises(ValueError, match="dni_layers"):
-        bench.build_mlp("dni", 8, 3, "softmax", dni_layers=[3])
+        models.build_mlp("dni", 8, 3, "softmax", dni_layers=[3])
 
 
 def _check_records(out_dir, task, methods):
@@ -77,8 +127,7 @@ def _check_records(out_dir, task, methods):
 def test_smoke_mlp_tasks(task, tmp_path):
     out = str(tmp_path)
     assert (
-        bench.main([task, "--small", "--seeds", "1", "--epochs", "1", "--out", out])
-        == 0
+        cli.main([task, "--small", "--seeds", "1", "--epochs", "1", "--out", out]) == 0
     )
     records = _check_records(out, task, ["backprop", "dni", "cdni"])
     for record in records:
@@ -91,40 +140,111 @@ def test_smoke_cnn(tmp_path):
 
     out = str(tmp_path)
     argv = ["digits", "--arch", "cnn", "--small", "--seeds", "1", "--epochs", "1"]
-    assert bench.main(argv + ["--out", out]) == 0
+    assert cli.main(argv + ["--out", out]) == 0
     with open(os.path.join(out, "results.json")) as f:
         records = json.load(f)
     assert [r["method"] for r in records] == ["backprop", "dni", "cdni"]
     assert all(r["config"]["arch"] == "cnn" for r in records)
     assert os.path.getsize(os.path.join(out, "digits-cnn.png")) > 1000
-    assert "| digits-cnn | accuracy (%) |" in bench.summarise(records)
-    model = bench.build_cnn("cdni", 8, 10)
+    assert "| digits-cnn | accuracy (%) |" in report.summarise(records)
+    model = models.build_cnn("cdni", 8, 10)
     convs = [layer for layer in model.layers if "conv" in layer.name]
     assert all(isinstance(layer, keras_dni.DNIConv2D) for layer in convs)
     assert model.output_shape == (None, 10)
     with pytest.raises(ValueError, match="arch"):
-        bench.run_mlp("digits", "dni", 0, 1, small=True, arch="rnn")
+        runs.run_mlp("digits", "dni", 0, 1, small=True, arch="rnn")
     with pytest.raises(ValueError, match="arch='cnn'"):
-        bench.run_mlp("binary-addition", "dni", 0, 1, small=True, arch="cnn")
+        runs.run_mlp("binary-addition", "dni", 0, 1, small=True, arch="cnn")
 
 
-@pytest.mark.parametrize("start_length", ["2", "auto"])
-def test_smoke_copy(tmp_path, start_length):
+def test_smoke_several_tasks_one_table(tmp_path, capsys):
+    out, path = str(tmp_path / "out"), str(tmp_path / "json" / "records.json")
+    argv = ["digits,binary-addition", "--small", "--seeds", "1", "--epochs", "1"]
+    argv += ["--methods", "dni", "--out", out, "--json", path]
+    assert cli.main(argv) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        records = json.load(f)
+    with open(path) as f:
+        assert json.load(f) == records
+    assert [r["task"] for r in records] == ["digits", "binary-addition"]
+    for task in ("digits", "binary-addition"):
+        assert os.path.getsize(os.path.join(out, f"{task}.png")) > 1000
+    printed = capsys.readouterr().out
+    assert "| digits | accuracy (%) |" in printed
+    assert "| binary-addition | exact_accuracy (%) |" in printed
+
+
+@pytest.mark.parametrize("start_length, jobs", [("2", "1"), ("auto", "2")])
+def test_smoke_copy(tmp_path, start_length, jobs, capsys):
     out = str(tmp_path)
     argv = ["copy", "--small", "--seeds", "1", "--truncations", "3", "--out", out]
     # 'auto': the first N longer than one chunk, 2 for T = 3.
-    assert bench.main(argv + ["--start-length", start_length]) == 0
+    argv += ["--start-length", start_length, "--jobs", jobs]
+    assert cli.main(argv) == 0
     records = _check_records(out, "copy", ["bptt", "dni"])
+    assert [r["method"] for r in records] == ["bptt", "dni"]
     for record in records:
         assert record["truncation"] == 3
-        assert record["config"] == {"steps": 20, "start_length": 2}
+        assert record["config"] == {
+            "steps": 20,
+            "start_length": 2,
+            "units": 128,
+            "batch_size": 32,
+            "learning_rate": 3e-3,
+            "sg_learning_rate": 1e-3,
+            "sg_input_normalization": None,
+            "max_length": 64,
+        }
         assert 0 <= record["metrics"]["max_length"] <= 64
+    printed = capsys.readouterr().out
+    assert "in 20 steps, LSTM 128, batch 32" in printed
+    assert "| T | first N | truncated BPTT: N per seed | mean | DNI: N per" in printed
+    assert "| 3 | 2 | " in printed
+
+
+def _copy_record(t, method, seed, n, first):
+    return {
+        "task": "copy",
+        "method": method,
+        "seed": seed,
+        "truncation": t,
+        "metrics": {"max_length": n, "start_length": first},
+        "config": {"steps": 10, "start_length": first},
+    }
+
+
+def test_copy_table_per_truncation():
+    records = [
+        _copy_record(t, method, seed, n, first)
+        for t, first, values in [
+            (5, 3, {"bptt": (0, 0), "dni": (4, 5)}),
+            (2, 1, {"bptt": (1, 2), "dni": (3, 1)}),
+            (8, 4, {"bptt": (0, 0), "dni": (0, 0)}),
+        ]
+        for method in ("dni", "bptt")
+        for seed, n in enumerate(values[method])
+    ]
+    assert report.copy_table(records).splitlines() == [
+        "| T | first N | truncated BPTT: N per seed | mean | DNI: N per seed "
+        "| mean | DNI / BPTT |",
+        "|---|---|---|---|---|---|---|",
+        "| 2 | 1 | 1, 2 | 1.5 | 3, 1 | 2.0 | 1.33x |",
+        "| 5 | 3 | 0, 0 | 0.0 | 4, 5 | 4.5 | BPTT 0 |",
+        "| 8 | 4 | 0, 0 | 0.0 | 0, 0 | 0.0 | - |",
+    ]
+    assert report.copy_table(records) in report.summarise(records)
+    dni_only = [r for r in records if r["method"] == "dni" and r["truncation"] == 2]
+    assert report.copy_table(dni_only).splitlines() == [
+        "| T | first N | DNI: N per seed | mean |",
+        "|---|---|---|---|",
+        "| 2 | 1 | 3, 1 | 2.0 |",
+    ]
 
 
 def test_smoke_timing(tmp_path):
     out = str(tmp_path)
     assert (
-        bench.main(
+        cli.main(
             [
                 "timing",
                 "--small",
@@ -150,13 +270,13 @@ def test_step_macs_counts_the_products_of_a_step():
     layers = [784, 512, 512, 10]
     products = [784 * 512, 512 * 512, 512 * 10]
     backprop = 128 * (2 * sum(products) + 512 * 512 + 512 * 10)
-    assert bench.step_macs(layers, "backprop", 128) == backprop
+    assert runs.step_macs(layers, "backprop", 128) == backprop
     # A linear 512x512 M per hidden layer: forward and weight gradient.
     dni = backprop + 128 * 2 * 2 * 512 * 512
-    assert bench.step_macs(layers, "dni", 128) == dni
+    assert runs.step_macs(layers, "dni", 128) == dni
     # cDNI adds the 10-class label projection of each M.
     cdni = dni + 128 * 2 * 2 * 10 * 512
-    assert bench.step_macs(layers, "cdni", 128) == cdni
+    assert runs.step_macs(layers, "cdni", 128) == cdni
     assert round(dni / backprop, 2) == 1.65
 
 

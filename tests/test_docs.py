@@ -27,11 +27,11 @@ def test_readme_example_runs(tmp_path, monkeypatch):
         "keras_dni.dense",
         "keras_dni.models",
         "keras_dni.callbacks",
-        "keras_dni.data",
+        "keras_dni.benchmarks.data",
         "keras_dni.conv",
         "keras_dni.conversion",
         "keras_dni.recurrent",
-        "keras_dni.copy_task",
+        "keras_dni.benchmarks.copy_task",
     ],
 )
 def test_docstring_examples(module):

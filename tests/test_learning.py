@@ -4,7 +4,7 @@ import keras
 import numpy as np
 
 import keras_dni
-from keras_dni import data
+from keras_dni.benchmarks import data
 
 
 def _accuracy(model, x, y):

@@ -12,7 +12,7 @@ from helpers import layer_norm
 from helpers import set_random_gradient_model
 
 import keras_dni
-from keras_dni import copy_task
+from keras_dni.benchmarks import copy_task
 from keras_dni.recurrent import DNIRNN
 
 B, L, D_IN, UNITS = 4, 7, 3, 5

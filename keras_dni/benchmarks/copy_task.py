@@ -97,7 +97,7 @@ def first_truncated_length(truncation):
 
     Example:
 
-    >>> from keras_dni.copy_task import first_truncated_length
+    >>> from keras_dni.benchmarks.copy_task import first_truncated_length
     >>> [first_truncated_length(t) for t in (2, 3, 5, 8)]
     [1, 2, 3, 4]
     """

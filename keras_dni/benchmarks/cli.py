@@ -1,0 +1,255 @@
+"""`python -m keras_dni.bench`: backprop vs DNI vs cDNI, with tables and plots.
+
+Also `python -m keras_dni.benchmarks` and the `keras-dni-bench` script.
+
+Tasks:
+
+- `digits`, `mnist5k`, `mnist1d`, `binary-addition`: the same MLP (3 hidden
+  layers of 256, ReLU; Adam 1e-3, batch 64) trained with backprop
+  (`keras.layers.Dense`), DNI and cDNI (`keras_dni.DNIDense` in a
+  `DNISequential`); held-out accuracy after every epoch. With
+  `--arch cnn`, `digits` and `mnist5k` train a small CNN instead (two 3x3
+  convolutions of 32 and 64 filters, each followed by 2x2 max-pooling, then
+  the softmax layer; `keras_dni.DNIConv2D` for DNI and cDNI).
+- `copy`: the recurrent copy task (`copy_task`), truncated BPTT vs DNI, for
+  each truncation length of `--truncations`; `--jobs N` trains N runs at a
+  time, each in its own process with one TensorFlow thread.
+- `timing`: training-step time of DNI and cDNI relative to backprop for
+  784-w-w-10 MLPs of growing width `w`, batch 128, measured alternately in one
+  process (median of repeats).
+
+Several tasks, comma-separated, run one after the other into one
+`results.json` and one table.
+
+Writes `OUT/results.json` (a list of `{"task", "method", "seed", "metrics",
+"config"}` records; also to `--json PATH` if given) and PNG plots, and prints
+a Markdown table.
+
+Examples:
+
+    python -m keras_dni.bench digits --seeds 3 --epochs 30 --out results
+    python -m keras_dni.bench digits,mnist5k,binary-addition --out results/depth
+    python -m keras_dni.bench copy --steps 20000 --start-length auto --jobs 2
+
+Adding a task: a module of this subpackage with a runner
+`runner(task, args, methods)` returning the task's records, an entry in
+`RUNNERS` and, if it needs them, its options in `make_parser`.
+"""
+
+import argparse
+import os
+import sys
+
+from keras_dni.benchmarks import runs
+from keras_dni.benchmarks.models import ARCHS
+from keras_dni.benchmarks.models import METHODS
+from keras_dni.benchmarks.report import plot
+from keras_dni.benchmarks.report import summarise
+from keras_dni.benchmarks.report import write_results
+from keras_dni.benchmarks.runs import COPY_MAX_LENGTH
+from keras_dni.benchmarks.tasks import IMAGE_TASKS
+from keras_dni.benchmarks.tasks import MLP_TASKS
+
+# The tasks of the CLI: name -> runner(task, args, methods), which runs the
+# task for the parsed and checked arguments and returns its records.
+RUNNERS = {
+    **{task: runs.mlp_runs for task in MLP_TASKS},
+    "copy": runs.copy_runs,
+    "timing": runs.timing_runs,
+}
+TASKS = tuple(RUNNERS)
+
+
+def _parse_list(value, allowed, name):
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(
+            f"invalid {name} {bad or value!r}: expected a comma-separated "
+            f"list of {', '.join(allowed)}"
+        )
+    return items
+
+
+def _start_length_arg(value):
+    """`--start-length`: `'auto'` or an int (range-checked in `main`)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto' or an integer, got {value!r}"
+        ) from None
+
+
+def _names(tasks):
+    return ", ".join(repr(t) for t in tasks)
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_dni.bench",
+        description="Benchmark backprop, DNI and cDNI on offline tasks.",
+    )
+    parser.add_argument(
+        "task",
+        help=f"one of: {', '.join(TASKS)}; or several, comma-separated (one "
+        "results.json, one table)",
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all)",
+    )
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs (default 30; copy: training steps budget is --steps)",
+    )
+    parser.add_argument("--out", default="bench_results")
+    parser.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the records (results.json) to PATH",
+    )
+    parser.add_argument(
+        "--small", action="store_true", help="tiny data and budgets (smoke test)"
+    )
+    parser.add_argument(
+        "--widths", default="256,1024,4096", help="timing: hidden widths"
+    )
+    parser.add_argument(
+        "--jit-compile",
+        action="store_true",
+        help="timing: compile with XLA (default: Keras' 'auto', no XLA on CPU)",
+    )
+    parser.add_argument(
+        "--arch",
+        default="mlp",
+        help=f"digits, mnist5k: the network, one of {', '.join(ARCHS)} (default mlp)",
+    )
+    parser.add_argument(
+        "--dni-layers",
+        default=None,
+        help="MLP tasks: comma-separated indices of the hidden layers that are "
+        "DNI layers for dni/cdni, 0 = bottom (default: all three)",
+    )
+    parser.add_argument(
+        "--truncations", default="2,3,5,8", help="copy: truncation lengths"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="copy: training steps per run (default 3000; --small: 20)",
+    )
+    parser.add_argument(
+        "--start-length",
+        type=_start_length_arg,
+        default=1,
+        help="copy: the first N of the curriculum (default 1), or 'auto': per "
+        "T, the first N whose sequence spans more than one chunk, ceil(T/2)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="copy: runs trained at a time; above 1, each in its own process "
+        "with one TensorFlow thread (default 1: one after the other, in this "
+        "process)",
+    )
+    parser.add_argument("--units", type=int, default=128, help="copy: LSTM units")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="copy: sequences per step"
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=3e-3,
+        help="copy: Adam learning rate of the network (default 3e-3)",
+    )
+    parser.add_argument(
+        "--sg-learning-rate",
+        type=float,
+        default=1e-3,
+        help="copy: Adam learning rate of the gradient model M (default 1e-3)",
+    )
+    parser.add_argument(
+        "--sg-input-normalization",
+        default="none",
+        choices=["layer", "none"],
+        help="copy: normalization of M's input (default none)",
+    )
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    tasks = list(dict.fromkeys(t.strip() for t in args.task.split(",") if t.strip()))
+    unknown = [t for t in tasks if t not in TASKS] or ([] if tasks else [args.task])
+    if unknown:
+        parser.error(
+            f"unknown task {_names(unknown)}: expected one of {', '.join(TASKS)}"
+        )
+    try:
+        methods = _parse_list(args.methods, METHODS, "method")
+        if args.arch not in ARCHS:
+            raise argparse.ArgumentTypeError(
+                f"invalid --arch {args.arch!r}: expected one of {', '.join(ARCHS)}"
+            )
+        not_image = [t for t in tasks if t not in IMAGE_TASKS]
+        if args.arch == "cnn" and not_image:
+            raise argparse.ArgumentTypeError(
+                f"--arch cnn applies to the tasks {', '.join(IMAGE_TASKS)}, "
+                f"not to {_names(not_image)}"
+            )
+        if args.arch == "cnn" and args.dni_layers is not None:
+            raise argparse.ArgumentTypeError("--dni-layers applies to --arch mlp")
+        dni_layers = None
+        if args.dni_layers is not None:
+            not_mlp = [t for t in tasks if t not in MLP_TASKS]
+            if not_mlp:
+                raise argparse.ArgumentTypeError(
+                    f"--dni-layers applies to the MLP tasks "
+                    f"({', '.join(MLP_TASKS)}), not to {_names(not_mlp)}"
+                )
+            dni_layers = _parse_list(args.dni_layers, ("0", "1", "2"), "--dni-layers")
+            dni_layers = sorted({int(i) for i in dni_layers})
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
+    for name in ("seeds", "jobs", "units", "batch_size"):
+        value = getattr(args, name)
+        if value <= 0:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} must be a positive integer, got {value}")
+    if args.epochs is not None and args.epochs <= 0:
+        parser.error(f"--epochs must be a positive integer, got {args.epochs}")
+    if args.start_length != "auto" and not 1 <= args.start_length <= COPY_MAX_LENGTH:
+        parser.error(
+            f"--start-length must be 'auto' or an integer in [1, "
+            f"{COPY_MAX_LENGTH}] (the copy curriculum's largest N), got "
+            f"{args.start_length}"
+        )
+    args.dni_layers = dni_layers  # the runners get the checked indices
+    os.makedirs(args.out, exist_ok=True)
+    records = []
+    for task in tasks:
+        records.extend(RUNNERS[task](task, args, methods))
+    paths = [write_results(records, os.path.join(args.out, "results.json"))]
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        paths.append(write_results(records, args.json))
+    plots = plot(records, args.out)
+    print()
+    print(summarise(records))
+    print(f"\nwrote {', '.join(paths)} and {', '.join(plots)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
