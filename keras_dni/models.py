@@ -11,6 +11,7 @@ import keras
 import tensorflow as tf
 
 from keras_dni import context
+from keras_dni import schedules
 from keras_dni.synthetic_gradient import SyntheticGradient
 
 DEFAULT_SG_LEARNING_RATE = 1e-3
@@ -89,8 +90,16 @@ class DNITrainerMixin:
         jit_compile="auto",
         auto_scale_loss=True,
         sg_optimizer=None,
+        schedule="locked",
+        stage_devices=None,
+        update_probability=1.0,
     ):
         """Configures the model for training (see `keras.Model.compile`).
+
+        A *stage* is the run of layers between two consecutive decoupling
+        points (a `SyntheticGradient`, or the one at the output of a
+        `DNIDense`/`DNIConv2D`); the last stage ends with the loss. See
+        `docs/schedules.md` for what runs when.
 
         Args:
             sg_optimizer: optimizer (instance or identifier) for the gradient
@@ -98,6 +107,28 @@ class DNITrainerMixin:
                 `keras.optimizers.Adam(1e-3)`, the default measured in
                 `keras_dni.benchmarks`. The model's `optimizer` updates every other
                 weight, from the synthetic gradients.
+            schedule: `"locked"` (default) or `"unlocked"`. `"locked"`: one
+                forward and one backward pass over the whole model, then
+                the updates. `"unlocked"`: stage by stage, each stage runs
+                forward and is updated from its synthetic gradient before
+                the next stage runs (on the activation it produced before
+                its update); the gradient model at a stage's output is
+                trained on the gradient that the next stage's backward pass
+                sends it. Needs a model that is a chain of stages (a
+                `DNISequential`, or a `DNIModel` whose graph passes each
+                decoupling point as a single tensor), `bp_lambda=0` and no
+                loss scaling (`mixed_float16`).
+            stage_devices: `None` (default) or a list of device strings,
+                one per stage: `schedule="unlocked"` runs each stage's
+                forward pass, backward pass and update under
+                `tf.device(device)`.
+            update_probability: float in (0, 1], default 1. In each step
+                each stage (its network weights and the gradient model at
+                its output) is updated with this probability, independently
+                of the others (the paper's asynchrony experiment); the draws
+                come from a seed generator of the model, seeded by
+                `keras.utils.set_random_seed`. `optimizer.iterations`
+                counts steps, whether or not a stage was updated.
             Other arguments: as for `keras.Model.compile`.
         """
         sg_layers = synthetic_gradient_layers(self)
@@ -109,6 +140,19 @@ class DNITrainerMixin:
             )
         if sg_optimizer is None:
             sg_optimizer = default_sg_optimizer()
+        dni_schedule = schedules.StageSchedule(
+            schedule, stage_devices, update_probability
+        )
+        if dni_schedule.schedule != "locked":
+            for layer in sg_layers:
+                if layer.initial_bp_lambda != 0.0:
+                    raise ValueError(
+                        f"`schedule={schedule!r}` updates a stage before the "
+                        "gradient from above exists, so it cannot mix it in: "
+                        f"layer '{layer.metric_prefix_name}' has "
+                        f"bp_lambda={layer.initial_bp_lambda}. Use "
+                        "`bp_lambda=0` or `schedule='locked'`."
+                    )
         sg_optimizer = keras.optimizers.get(sg_optimizer)
         if not isinstance(sg_optimizer, keras.optimizers.Optimizer):
             raise TypeError(
@@ -127,7 +171,18 @@ class DNITrainerMixin:
             jit_compile=jit_compile,
             auto_scale_loss=auto_scale_loss,
         )
+        if dni_schedule.per_stage and isinstance(
+            self.optimizer, keras.optimizers.LossScaleOptimizer
+        ):
+            raise ValueError(
+                "Loss scaling (`mixed_float16` or a `LossScaleOptimizer`) is "
+                "supported only with `schedule='locked'` and "
+                "`update_probability=1.0`. Received: "
+                f"schedule={schedule!r}, update_probability={update_probability!r}"
+            )
         self.sg_optimizer = sg_optimizer
+        # A plain object, not tracked by Keras: nothing of it is a weight.
+        self._dni_schedule = dni_schedule
         # Auto-tracked by Keras: listed in `model.metrics` after the loss.
         self._sg_total = _SyntheticGradientLoss(lambda: synthetic_gradient_layers(self))
         if self.built:
@@ -137,15 +192,21 @@ class DNITrainerMixin:
         config = super().get_compile_config()
         if config is not None and getattr(self, "sg_optimizer", None):
             config["sg_optimizer"] = keras.optimizers.serialize(self.sg_optimizer)
+            config.update(self._dni_schedule.config())
         return config
 
     def compile_from_config(self, config):
         config = dict(config)
         sg_optimizer = config.pop("sg_optimizer", None)
+        schedule_config = {
+            key: config.pop(key)
+            for key in ("schedule", "stage_devices", "update_probability")
+            if key in config
+        }
         config = keras.saving.deserialize_keras_object(config)
         if sg_optimizer is not None:
             sg_optimizer = keras.optimizers.deserialize(sg_optimizer)
-        self.compile(**config, sg_optimizer=sg_optimizer)
+        self.compile(**config, sg_optimizer=sg_optimizer, **schedule_config)
         self._configure_dni()
 
     # ------------------------------------------------------------------ state
@@ -181,6 +242,7 @@ class DNITrainerMixin:
                 self.optimizer.build(main)
             if not self.sg_optimizer.built:
                 self.sg_optimizer.build(sg)
+        self._dni_schedule.prepare(self, main)
 
     def _dni_variables(self):
         """(network variables, gradient-model variables), by identity."""
@@ -209,6 +271,14 @@ class DNITrainerMixin:
         monitor = getattr(self, "_sg_monitor", None)
         if monitor is not None:
             monitor.maybe_measure(self, x, y, sample_weight)
+        dni_schedule = self._dni_schedule
+        masks = dni_schedule.draw_masks()
+        if dni_schedule.schedule == "unlocked":
+            y_pred, loss = schedules.unlocked_train_step(
+                self, dni_schedule.stages, masks, x, y, sample_weight
+            )
+            self._track_loss(loss, x)
+            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         loss_scale = self._loss_scale()
         with context.training_context(labels=y, loss_scale=loss_scale):
             with tf.GradientTape() as tape:
@@ -223,6 +293,11 @@ class DNITrainerMixin:
                 scaled_loss = self.optimizer.scale_loss(loss)
         main_vars, sg_vars = self._dni_variables()
         grads = tape.gradient(scaled_loss, main_vars + sg_vars)
+        if masks is not None:
+            by_variable = {id(v): g for v, g in zip(main_vars + sg_vars, grads)}
+            schedules.apply_by_stage(self, dni_schedule.stages, masks, by_variable)
+            self._track_loss(loss, x)
+            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         self.optimizer.apply(grads[: len(main_vars)], main_vars)
         # A gradient model can get no gradient in a step (e.g. a `DNIRNN`
         # whose sequences fit in one chunk): leave it out of the update.
