@@ -1,0 +1,173 @@
+"""One process of the multi-worker test (`tests/test_multiworker.py`).
+
+Usage: ``python tests/multiworker_worker.py OUT_DIR``
+
+With `TF_CONFIG` set, the process is one worker of a
+`tf.distribute.MultiWorkerMirroredStrategy` cluster; without it, it trains
+the single-process reference under the default strategy. Either way it
+trains a DNI and a cDNI `DNISequential` MLP from the same initial weights on
+the same global batches, evaluates the cDNI one, and writes ``<name>.npz`` to
+OUT_DIR (``single``, or ``worker<index>``): initial and final weights, the
+`fit` history of each model, and the `evaluate` loss.
+
+Each worker reads the whole dataset, batched by the global batch; with the
+`DATA` auto-shard policy `tf.distribute` splits each global batch into one
+slice per replica (worker 0 the first half, worker 1 the second), so a step
+of the cluster sees the same examples as a step of the reference.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import tensorflow as tf  # noqa: E402
+
+# The strategy first: MultiWorkerMirroredStrategy must be created before
+# any other TensorFlow op runs in the process.
+if os.environ.get("TF_CONFIG"):
+    STRATEGY = tf.distribute.MultiWorkerMirroredStrategy()
+    NAME = "worker{}".format(json.loads(os.environ["TF_CONFIG"])["task"]["index"])
+else:
+    STRATEGY = tf.distribute.get_strategy()
+    NAME = "single"
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_dni  # noqa: E402
+
+keras.config.disable_traceback_filtering()
+
+D_IN, UNITS, CLASSES = 8, 16, 3
+EXAMPLES, GLOBAL_BATCH, EPOCHS = 64, 16, 2
+VARIANTS = {"dni": False, "cdni": True}
+
+
+def _multi_worker(strategy):
+    """Whether `strategy` is a MultiWorkerMirroredStrategy with workers."""
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
+
+
+class KerasMultiWorkerFixes:
+    """Works around two bugs of Keras 3 (3.15) `fit` across workers.
+
+    Both hit any Keras model created under a multi-worker
+    `MultiWorkerMirroredStrategy` (keras-team/keras#20585), before or at
+    the first step; outside multi-worker training these overrides change
+    nothing. Mix in before the model class:
+    `class Model(KerasMultiWorkerFixes, keras_dni.DNISequential)`.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras reduces the first distributed batch with one
+        # `strategy.reduce` call on the whole `(x, y)` structure, which
+        # MultiWorkerMirroredStrategy rejects ("Attempt to convert a value
+        # (PerReplica...)"). The build needs shapes only: take the local batch.
+        strategy = self._distribute_strategy
+        if iterator is not None and data_batch is None and _multi_worker(strategy):
+            for _, _, batches in iterator:
+                data_batch = keras.tree.map_structure(
+                    lambda v: (
+                        strategy.experimental_local_results(v)[0]
+                        if isinstance(v, tf.distribute.DistributedValues)
+                        else v
+                    ),
+                    next(batches),
+                )
+                iterator = None
+                break
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _multi_worker_logs(self, logs):
+        # Keras averages the workers' logs with
+        # `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars
+        # ("Invalid reduction dimension 0 for input with 0 dimensions"):
+        # give them an axis 0 of length 1; the mean over it is the value.
+        if not _multi_worker(self.distribute_strategy):
+            return logs
+        return {key: tf.reshape(value, [1]) for key, value in logs.items()}
+
+    def train_step(self, data):
+        return self._multi_worker_logs(super().train_step(data))
+
+    def test_step(self, data):
+        return self._multi_worker_logs(super().test_step(data))
+
+
+class Model(KerasMultiWorkerFixes, keras_dni.DNISequential):
+    """`DNISequential` with the fixes (drop them once it carries them)."""
+
+
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(EXAMPLES, D_IN)).astype("float32")
+    y = rng.integers(0, CLASSES, size=(EXAMPLES,)).astype("int64")
+    return x, y
+
+
+def dataset(x, y):
+    """Global batches; `tf.distribute` slices each among the replicas."""
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return ds.with_options(options)
+
+
+def build(conditional, seed):
+    """The MLP, compiled, with random weights everywhere (`M`'s included).
+
+    `M` starts at zero by default; random weights make the synthetic
+    gradients nonzero from the first step, so that every update counts.
+    """
+    model = Model(
+        [
+            keras.Input((D_IN,)),
+            keras_dni.DNIDense(UNITS, activation="relu", name="d1"),
+            keras_dni.DNIDense(
+                UNITS, activation="relu", conditional=conditional, name="d2"
+            ),
+            keras.layers.Dense(CLASSES, activation="softmax", name="out"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.5),
+        loss="sparse_categorical_crossentropy",
+        sg_optimizer=keras.optimizers.Adam(1e-2),
+    )
+    rng = np.random.default_rng(seed)
+    for variable in model.trainable_variables:
+        variable.assign(
+            rng.normal(scale=0.3, size=variable.shape).astype(variable.dtype)
+        )
+    return model
+
+
+def main(out_dir):
+    x, y = data()
+    results = {"replicas": np.asarray(STRATEGY.num_replicas_in_sync)}
+    for seed, (variant, conditional) in enumerate(VARIANTS.items()):
+        with STRATEGY.scope():
+            model = build(conditional, seed)
+        for i, weight in enumerate(model.get_weights()):
+            results[f"{variant}/initial_{i}"] = weight
+        history = model.fit(dataset(x, y), epochs=EPOCHS, verbose=0).history
+        for i, weight in enumerate(model.get_weights()):
+            results[f"{variant}/weight_{i}"] = weight
+        for key, values in history.items():
+            results[f"{variant}/history/{key}"] = np.asarray(values, "float64")
+    # `evaluate` (its `test_step`) across workers, once: tracing is the cost.
+    results["cdni/evaluate_loss"] = np.asarray(
+        model.evaluate(dataset(x, y), verbose=0), "float64"
+    )
+    np.savez(os.path.join(out_dir, NAME + ".npz"), **results)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
