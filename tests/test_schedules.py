@@ -410,3 +410,16 @@ def test_functional_model_that_is_not_a_chain_names_the_layer():
     model = keras_dni.DNIModel(inputs, outputs)
     with pytest.raises(ValueError, match="layer 'skip' reads tensors of different"):
         model.compile("adam", "mse", schedule="unlocked")
+
+
+def test_layer_with_an_inner_decoupling_point_is_refused():
+    model = keras_dni.DNISequential(
+        [
+            keras.Input((6, 3)),
+            keras_dni.DNIRNN(keras.layers.SimpleRNNCell(4), truncation=2, name="rnn"),
+            keras.layers.Dense(2),
+        ]
+    )
+    with pytest.raises(ValueError, match="layer 'rnn' \\(DNIRNN\\) holds"):
+        model.compile("adam", "mse", update_probability=0.5)
+    model.compile("adam", "mse")  # locked, p = 1: supported as before
