@@ -22,6 +22,28 @@ def default_sg_optimizer():
     return keras.optimizers.Adam(learning_rate=DEFAULT_SG_LEARNING_RATE)
 
 
+def _is_multi_worker(strategy):
+    """Whether `strategy` spans more than one worker process.
+
+    True for a `tf.distribute.MultiWorkerMirroredStrategy` whose cluster (its
+    `cluster_resolver`, from `TF_CONFIG` by default) has several `chief` and
+    `worker` tasks (or several `evaluator`s, for an evaluator task): the case
+    in which Keras 3 reduces across workers. Public APIs only; the same count
+    as the strategy's own.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    resolver = strategy.cluster_resolver
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if not cluster:
+        return False
+    if resolver.task_type == "evaluator":
+        workers = len(cluster.get("evaluator", ()))
+    else:
+        workers = len(cluster.get("chief", ())) + len(cluster.get("worker", ()))
+    return workers > 1
+
+
 def synthetic_gradient_layers(model):
     """Returns every `SyntheticGradient` in `model`, in layer order.
 
@@ -267,6 +289,9 @@ class DNITrainerMixin:
         return None
 
     def train_step(self, data):
+        return self._multi_worker_logs(self._dni_train_step(data))
+
+    def _dni_train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         monitor = getattr(self, "_sg_monitor", None)
         if monitor is not None:
@@ -280,7 +305,7 @@ class DNITrainerMixin:
             self._track_loss(loss, x)
             return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         loss_scale = self._loss_scale()
-        with context.training_context(labels=y, loss_scale=loss_scale):
+        with context.training_context(labels=y, loss_scale=loss_scale) as ctx:
             with tf.GradientTape() as tape:
                 y_pred = self(x, training=True)
                 loss = self.compute_loss(
@@ -296,6 +321,7 @@ class DNITrainerMixin:
         if masks is not None:
             by_variable = {id(v): g for v, g in zip(main_vars + sg_vars, grads)}
             schedules.apply_by_stage(self, dni_schedule.stages, masks, by_variable)
+            schedules.fit_least_squares(ctx.solver_fits, masks, dni_schedule.stages)
             self._track_loss(loss, x)
             return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         self.optimizer.apply(grads[: len(main_vars)], main_vars)
@@ -306,10 +332,15 @@ class DNITrainerMixin:
         ]
         if sg_pairs:
             self.sg_optimizer.apply(*zip(*sg_pairs))
+        # Least-squares gradient models: refitted on this batch's targets.
+        schedules.fit_least_squares(ctx.solver_fits)
         self._track_loss(loss, x)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def test_step(self, data):
+        return self._multi_worker_logs(self._dni_test_step(data))
+
+    def _dni_test_step(self, data):
         # `M` is not trained in evaluation: its regression losses have no
         # value there, so they stay out of `evaluate`'s logs and out of the
         # `val_*` entries that `fit(validation_data=...)` records.
@@ -320,6 +351,44 @@ class DNITrainerMixin:
             if hasattr(layer, "sg_loss_tracker")
         }
         return {key: value for key, value in logs.items() if key not in names}
+
+    # ----------------------------------------------------------- multi-worker
+    # Keras 3.15 `fit`/`evaluate` fail under a multi-worker
+    # `MultiWorkerMirroredStrategy` for every model (keras-team/keras#20585):
+    # `_maybe_symbolic_build` and the reduction of the step's logs. The two
+    # methods below work around both; outside multi-worker training (one
+    # device, `MirroredStrategy`, a one-worker cluster) they change nothing.
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Overrides a private Keras method, a necessary evil: Keras reduces
+        # the first distributed batch with one `strategy.reduce("MEAN", ...)`
+        # on the whole `(x, y)` structure, which MultiWorkerMirroredStrategy
+        # rejects ("Attempt to convert a value (PerReplica...)"). The build
+        # needs shapes only: give it the first local replica's batch, taken
+        # from the iterator as Keras takes it.
+        strategy = self._distribute_strategy
+        if iterator is not None and data_batch is None and _is_multi_worker(strategy):
+            for _, _, batches in iterator:
+                data_batch = keras.tree.map_structure(
+                    lambda v: (
+                        strategy.experimental_local_results(v)[0]
+                        if isinstance(v, tf.distribute.DistributedValues)
+                        else v
+                    ),
+                    next(batches),
+                )
+                iterator = None
+                break
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _multi_worker_logs(self, logs):
+        # Across workers Keras averages each log with
+        # `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars
+        # ("Invalid reduction dimension 0 for input with 0 dimensions"): give
+        # every log a leading axis of length 1, whose mean over the workers'
+        # replicas is the mean of the values. Returns `logs` itself otherwise.
+        if not _is_multi_worker(self.distribute_strategy):
+            return logs
+        return keras.tree.map_structure(lambda v: tf.expand_dims(v, 0), logs)
 
     def _track_loss(self, loss, x):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync

@@ -45,64 +45,6 @@ EXAMPLES, GLOBAL_BATCH, EPOCHS = 64, 16, 2
 VARIANTS = {"dni": False, "cdni": True}
 
 
-def _multi_worker(strategy):
-    """Whether `strategy` is a MultiWorkerMirroredStrategy with workers."""
-    return (
-        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        and strategy.extended._in_multi_worker_mode()
-    )
-
-
-class KerasMultiWorkerFixes:
-    """Works around two bugs of Keras 3 (3.15) `fit` across workers.
-
-    Both hit any Keras model created under a multi-worker
-    `MultiWorkerMirroredStrategy` (keras-team/keras#20585), before or at
-    the first step; outside multi-worker training these overrides change
-    nothing. Mix in before the model class:
-    `class Model(KerasMultiWorkerFixes, keras_dni.DNISequential)`.
-    """
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras reduces the first distributed batch with one
-        # `strategy.reduce` call on the whole `(x, y)` structure, which
-        # MultiWorkerMirroredStrategy rejects ("Attempt to convert a value
-        # (PerReplica...)"). The build needs shapes only: take the local batch.
-        strategy = self._distribute_strategy
-        if iterator is not None and data_batch is None and _multi_worker(strategy):
-            for _, _, batches in iterator:
-                data_batch = keras.tree.map_structure(
-                    lambda v: (
-                        strategy.experimental_local_results(v)[0]
-                        if isinstance(v, tf.distribute.DistributedValues)
-                        else v
-                    ),
-                    next(batches),
-                )
-                iterator = None
-                break
-        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-
-    def _multi_worker_logs(self, logs):
-        # Keras averages the workers' logs with
-        # `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars
-        # ("Invalid reduction dimension 0 for input with 0 dimensions"):
-        # give them an axis 0 of length 1; the mean over it is the value.
-        if not _multi_worker(self.distribute_strategy):
-            return logs
-        return {key: tf.reshape(value, [1]) for key, value in logs.items()}
-
-    def train_step(self, data):
-        return self._multi_worker_logs(super().train_step(data))
-
-    def test_step(self, data):
-        return self._multi_worker_logs(super().test_step(data))
-
-
-class Model(KerasMultiWorkerFixes, keras_dni.DNISequential):
-    """`DNISequential` with the fixes (drop them once it carries them)."""
-
-
 def data():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(EXAMPLES, D_IN)).astype("float32")
@@ -126,7 +68,7 @@ def build(conditional, seed):
     `M` starts at zero by default; random weights make the synthetic
     gradients nonzero from the first step, so that every update counts.
     """
-    model = Model(
+    model = keras_dni.DNISequential(
         [
             keras.Input((D_IN,)),
             keras_dni.DNIDense(UNITS, activation="relu", name="d1"),
@@ -151,7 +93,12 @@ def build(conditional, seed):
 
 def main(out_dir):
     x, y = data()
-    results = {"replicas": np.asarray(STRATEGY.num_replicas_in_sync)}
+    results = {
+        "replicas": np.asarray(STRATEGY.num_replicas_in_sync),
+        # What `DNISequential` takes for multi-worker training (its Keras
+        # workarounds are active only then).
+        "multi_worker": np.asarray(keras_dni.models._is_multi_worker(STRATEGY)),
+    }
     for seed, (variant, conditional) in enumerate(VARIANTS.items()):
         with STRATEGY.scope():
             model = build(conditional, seed)

@@ -93,13 +93,15 @@ def test_multi_worker_training_matches_single_process(tmp_path):
     single, chief, other = results["single"], results["worker0"], results["worker1"]
     assert int(single["replicas"]) == 1
     assert int(chief["replicas"]) == int(other["replicas"]) == NUM_WORKERS
+    assert not single["multi_worker"]
+    assert chief["multi_worker"] and other["multi_worker"]
     assert set(single) == set(chief) == set(other)
     for variant in ("dni", "cdni"):
         logged = {k.split("/")[-1] for k in single if k.startswith(f"{variant}/hist")}
         assert {"loss", "sg_loss", "sg_loss_d1", "sg_loss_d2"} <= logged
     assert "cdni/evaluate_loss" in single
 
-    for key in sorted(set(single) - {"replicas"}):
+    for key in sorted(set(single) - {"replicas", "multi_worker"}):
         # The workers hold the same mirrored weights and reduced logs...
         np.testing.assert_array_equal(chief[key], other[key], err_msg=key)
         # ...equal to one process's up to float reduction order.
