@@ -31,6 +31,9 @@ class TrainingContext:
         self.loss_scale = loss_scale
         self.force_backprop = force_backprop
         self.records = []
+        # `(layer, features, target, weight)` per least-squares gradient
+        # model, added by the backward pass, for the `train_step` to fit.
+        self.solver_fits = []
 
 
 def current():

@@ -5,6 +5,7 @@ import keras
 from keras_dni import validation
 from keras_dni.owned import owned_config
 from keras_dni.owned import owned_synthetic_gradient
+from keras_dni.synthetic_gradient import DEFAULT_SOLVER_DECAY
 
 
 @keras.saving.register_keras_serializable(package="keras_dni")
@@ -51,6 +52,11 @@ class DNIConv2D(keras.layers.Conv2D):
         sg_input_normalization: `"layer"` (default) or `None`: whether the
             gradient model sees the feature map standardised over the
             channels, at each position (see `SyntheticGradient`).
+        sg_solver: `"auto"` (default), `"least_squares"` or `"gradient"`:
+            how the gradient model is fitted (see `SyntheticGradient`'s
+            `solver`).
+        sg_solver_decay: float in [0, 1), the least-squares solver's decay
+            of past batches (see `SyntheticGradient`'s `solver_decay`).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -105,6 +111,8 @@ class DNIConv2D(keras.layers.Conv2D):
         label_dim=None,
         bp_lambda=0.0,
         sg_input_normalization="layer",
+        sg_solver="auto",
+        sg_solver_decay=DEFAULT_SOLVER_DECAY,
         **kwargs,
     ):
         super().__init__(
@@ -134,6 +142,8 @@ class DNIConv2D(keras.layers.Conv2D):
             label_dim,
             bp_lambda,
             sg_input_normalization,
+            sg_solver,
+            sg_solver_decay,
             kernel_size=validation.check_optional_positive_int(
                 "sg_kernel_size", sg_kernel_size
             ),

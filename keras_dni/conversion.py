@@ -27,6 +27,8 @@ _DNI_ARGS = {
     "label_dim",
     "bp_lambda",
     "sg_input_normalization",
+    "sg_solver",
+    "sg_solver_decay",
 }
 _CONV_ONLY_ARGS = {"sg_kernel_size"}
 
@@ -35,7 +37,7 @@ _KEEP = "keep"  # a copy of the same class, same weights
 _DROP = "drop"  # removed (identity at inference)
 
 
-def apply_dni(model, layers=None, **dni_kwargs):
+def apply_dni(model, layers=None, every=None, **dni_kwargs):
     """Returns a copy of `model` whose chosen layers learn with DNI.
 
     Every chosen `keras.layers.Dense` becomes a `keras_dni.DNIDense` and
@@ -54,9 +56,17 @@ def apply_dni(model, layers=None, **dni_kwargs):
             model's outputs (an output layer followed only by weight-free
             layers, such as `Activation` or `Softmax`, counts as an output
             layer). Layers inside nested models are left as they are.
+        every: `None` (default) or a positive int `k`: of the layers that
+            `layers` chooses, convert only every `k`-th one, counted from
+            the bottom (the `k`-th, `2k`-th, ...). The network is then
+            decoupled between blocks of `k` layers instead of after every
+            layer: fewer decoupling points (with plain DNI, one after the
+            first hidden layer only was level with backprop on the MNIST
+            subset, `docs/results.md`).
         **dni_kwargs: arguments for the DNI layers: `sg_hidden_units`,
             `sg_batch_norm`, `conditional`, `label_dim`, `bp_lambda`,
-            `sg_input_normalization`, and `sg_kernel_size` (used by
+            `sg_input_normalization`, `sg_solver`, `sg_solver_decay`, and
+            `sg_kernel_size` (used by
             `DNIConv2D` only).
 
     Returns:
@@ -68,7 +78,8 @@ def apply_dni(model, layers=None, **dni_kwargs):
             layer is not a `Dense`/`Conv2D` (or is already a DNI layer), or
             an unknown keyword argument was passed.
         ValueError: `model` is not built, a name in `layers` is not a layer
-            of `model`, or there is no layer to convert.
+            of `model`, `every` is not a positive integer, or there is no
+            layer to convert.
 
     Example:
 
@@ -95,6 +106,13 @@ def apply_dni(model, layers=None, **dni_kwargs):
     DNIConv2D(1, 1, **dni_kwargs)
     DNIDense(1, **_dense_kwargs(dni_kwargs))
     targets = _chosen_layers(model, layers)
+    if every is not None:
+        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+            raise ValueError(
+                "Received an invalid value for `every`, expected a positive "
+                f"integer or None. Received: every={every!r}"
+            )
+        targets = targets[every - 1 :: every]
     if not targets:
         raise ValueError(
             f"`apply_dni` found no hidden `Dense` or `Conv2D` layer to "

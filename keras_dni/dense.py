@@ -4,6 +4,7 @@ import keras
 
 from keras_dni.owned import owned_config
 from keras_dni.owned import owned_synthetic_gradient
+from keras_dni.synthetic_gradient import DEFAULT_SOLVER_DECAY
 
 
 @keras.saving.register_keras_serializable(package="keras_dni")
@@ -39,6 +40,11 @@ class DNIDense(keras.layers.Dense):
         sg_input_normalization: `"layer"` (default) or `None`: whether the
             gradient model sees its input standardised per example (see
             `SyntheticGradient`).
+        sg_solver: `"auto"` (default), `"least_squares"` or `"gradient"`:
+            how the gradient model is fitted (see `SyntheticGradient`'s
+            `solver`).
+        sg_solver_decay: float in [0, 1), the least-squares solver's decay
+            of past batches (see `SyntheticGradient`'s `solver_decay`).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -85,6 +91,8 @@ class DNIDense(keras.layers.Dense):
         label_dim=None,
         bp_lambda=0.0,
         sg_input_normalization="layer",
+        sg_solver="auto",
+        sg_solver_decay=DEFAULT_SOLVER_DECAY,
         **kwargs,
     ):
         super().__init__(
@@ -111,6 +119,8 @@ class DNIDense(keras.layers.Dense):
             label_dim,
             bp_lambda,
             sg_input_normalization,
+            sg_solver,
+            sg_solver_decay,
         )
 
     def build(self, input_shape):

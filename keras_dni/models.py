@@ -18,7 +18,11 @@ DEFAULT_SG_LEARNING_RATE = 1e-3
 
 
 def default_sg_optimizer():
-    """The gradient models' default optimizer (see the README for why)."""
+    """The default `sg_optimizer` (docs/design.md says why).
+
+    It trains the gradient models fitted with `sg_solver="gradient"` (and
+    those with hidden layers); linear ones are fitted by least squares.
+    """
     return keras.optimizers.Adam(learning_rate=DEFAULT_SG_LEARNING_RATE)
 
 

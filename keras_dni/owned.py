@@ -5,6 +5,7 @@ and serialised the same way.
 """
 
 from keras_dni import validation
+from keras_dni.synthetic_gradient import DEFAULT_SOLVER_DECAY
 from keras_dni.synthetic_gradient import SyntheticGradient
 
 
@@ -16,6 +17,8 @@ def owned_synthetic_gradient(
     label_dim,
     bp_lambda,
     sg_input_normalization,
+    sg_solver="auto",
+    sg_solver_decay=DEFAULT_SOLVER_DECAY,
     **extra,
 ):
     """Creates the `SyntheticGradient` child of DNI layer `owner`.
@@ -32,6 +35,10 @@ def owned_synthetic_gradient(
         input_normalization=validation.check_choice(
             "sg_input_normalization", sg_input_normalization, ("layer", None)
         ),
+        solver=validation.check_choice(
+            "sg_solver", sg_solver, ("auto", "least_squares", "gradient")
+        ),
+        solver_decay=validation.check_decay("sg_solver_decay", sg_solver_decay),
         dtype=owner.dtype_policy,
         name="synthetic_gradient",
         **extra,
@@ -50,4 +57,6 @@ def owned_config(layer):
         "label_dim": layer.label_dim,
         "bp_lambda": layer.initial_bp_lambda,
         "sg_input_normalization": layer.input_normalization,
+        "sg_solver": layer.solver,
+        "sg_solver_decay": layer.solver_decay,
     }

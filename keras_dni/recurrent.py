@@ -201,6 +201,9 @@ class DNIRNN(keras.layers.Layer):
                 hidden_units=sg_hidden_units,
                 input_normalization=sg_input_normalization,
                 bp_lambda=bp_lambda,
+                # The recurrent M is trained by `sg_optimizer` (also at the
+                # end of a stateful batch, outside `SyntheticGradient.call`).
+                solver="gradient",
                 name="synthetic_gradient",
             )
             self.synthetic_gradient.metric_prefix_name = self.name

@@ -381,8 +381,32 @@ def _mask(masks, index):
     return None if masks is None else masks[index]
 
 
+def fit_least_squares(solver_fits, masks=None, stages=()):
+    """Refits the least-squares gradient models of a locked step.
+
+    Args:
+        solver_fits: `(layer, features, target, weight)` tuples that the
+            backward pass left in the training context.
+        masks: `None`, or one boolean tensor per stage: a least-squares
+            `M` is refitted only if the stage it ends updates.
+        stages: the `Stage`s, with `masks`.
+    """
+    mask_of = {}
+    if masks is not None:
+        for index, stage in enumerate(stages):
+            if stage.synthetic_gradient is not None:
+                mask_of[id(stage.synthetic_gradient)] = masks[index]
+    for layer, features, target, weight in solver_fits:
+        mask = mask_of.get(id(layer))
+        if mask is not None:
+            weight = weight * tf.cast(mask, tf.float32)
+        layer.fit_least_squares(features, target, weight)
+
+
 def apply_by_stage(model, stages, masks, grads):
     """Locked schedule with `update_probability < 1`: per-stage updates.
+
+    (The least-squares gradient models: `fit_least_squares`.)
 
     Args:
         model: the model (its `optimizer` and `sg_optimizer`).
@@ -470,7 +494,8 @@ def unlocked_train_step(model, stages, masks, x, y, sample_weight):
     replicas = float(tf.distribute.get_strategy().num_replicas_in_sync)
     network = _StepCounter(optimizer)
     gradient_models = _StepCounter(model.sg_optimizer)
-    pending = None  # (tape, sg layer, prediction, per-example scale, mask)
+    # (tape, sg layer, prediction, per-example scale, mask, h)
+    pending = None
     h = x
     y_pred = loss = None
     with context.training_context(
@@ -515,22 +540,28 @@ def unlocked_train_step(model, stages, masks, x, y, sample_weight):
                 n = len(stage.variables)
                 network.apply(grads[:n], stage.variables, mask)
                 if pending is not None:
-                    _train_gradient_model(gradient_models, pending, grads[n])
+                    _train_gradient_model(gradient_models, pending, grads[n], y)
                 if not last:
-                    pending = (tape, sg, prediction, scale, mask)
+                    pending = (tape, sg, prediction, scale, mask, out)
                     h = _after(out, stage.variables)
     network.finish()
     gradient_models.finish()
     return y_pred, loss
 
 
-def _train_gradient_model(counter, pending, incoming):
-    tape, sg, prediction, scale, mask = pending
+def _train_gradient_model(counter, pending, incoming, labels):
+    tape, sg, prediction, scale, mask, h = pending
     if incoming is None:
         incoming = tf.zeros_like(prediction)
     replicas = float(tf.distribute.get_strategy().num_replicas_in_sync)
     value, d_prediction = _regression(prediction, incoming, scale, replicas)
     sg.sg_loss_tracker.update_state(value, sample_weight=1.0)
+    if sg.least_squares:
+        del tape
+        weight = 1.0 if mask is None else tf.cast(mask, tf.float32)
+        target = tf.cast(incoming, tf.float32) / scale
+        sg.fit_least_squares(sg.least_squares_features(h, labels), target, weight)
+        return
     variables = list(sg.trainable_variables)
     grads = tape.gradient(prediction, variables, output_gradients=d_prediction)
     del tape

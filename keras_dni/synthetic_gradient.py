@@ -6,6 +6,13 @@ import tensorflow as tf
 from keras_dni import context
 from keras_dni import validation
 
+DEFAULT_SOLVER_DECAY = "auto"
+# `solver_decay="auto"`: the window of past batches holds about this many
+# rows per regressor of `M`, with the current batch weighing at least half.
+_ROWS_PER_REGRESSOR = 2.0
+_MIN_DECAY, _MAX_DECAY = 0.5, 0.999
+SOLVER_RIDGE = 1e-3
+
 _TRAINING_CONTEXT_HINT = (
     "Build the model with `keras_dni.DNISequential` or `keras_dni.DNIModel` "
     "(drop-in replacements for `keras.Sequential` and `keras.Model`), whose "
@@ -25,9 +32,10 @@ def _decouple(finite_check):
       gradient `dy / per_example_scale`.
 
     Returns `(op, holder)`: `op(h, prediction, bp_lambda, per_example_scale)`
-    and a dict in which the caller puts `replicas` (number of replicas) and
+    and a dict in which the caller puts `replicas` (number of replicas),
     `on_loss(value, weight)`, called with the batch's regression loss when
-    the backward pass runs.
+    the backward pass runs, and `on_target(target, weight)` (or `None`),
+    called with the per-example target itself (the least-squares solver).
     """
     holder = {}
 
@@ -56,6 +64,8 @@ def _decouple(finite_check):
                 local_loss = tf.where(finite, local_loss, 0.0)
                 weight = tf.cast(finite, tf.float32)
             holder["on_loss"](local_loss, weight)
+            if holder.get("on_target") is not None:
+                holder["on_target"](target, weight)
             return tf.cast(down, h.dtype), d_prediction, None, None
 
         return tf.identity(h), grad
@@ -84,6 +94,37 @@ class _LabelProjection(keras.layers.Layer):
         return tf.matmul(inputs, self.kernel)
 
 
+class _SolverState(keras.layers.Layer):
+    """The running moments of the least-squares solver (no call).
+
+    Built by the owning `SyntheticGradient` once the width of `M`'s
+    regressors is known, which for a conditional layer may be after the
+    owner was built.
+    """
+
+    def build(self, shape):
+        inputs, outputs = shape
+        self.gram = self.add_weight(
+            shape=(inputs, inputs),
+            initializer="zeros",
+            trainable=False,
+            autocast=False,
+            aggregation="only_first_replica",
+            name="gram",
+        )
+        self.cross = self.add_weight(
+            shape=(inputs, outputs),
+            initializer="zeros",
+            trainable=False,
+            autocast=False,
+            aggregation="only_first_replica",
+            name="cross",
+        )
+
+    def call(self, inputs):
+        return inputs
+
+
 @keras.saving.register_keras_serializable(package="keras_dni")
 class SyntheticGradient(keras.layers.Layer):
     """Decouples the layers below it from the layers above it (DNI).
@@ -109,12 +150,21 @@ class SyntheticGradient(keras.layers.Layer):
     batch 32 is right at batch 256 and under `tf.distribute`. The gradient
     sent below is `M(h)` scaled back the same way.
 
-    **Training.** `M`'s weights are ordinary trainable weights of this layer.
-    With the stock `train_step` the model's optimizer trains them together
-    with the rest of the network; `DNISequential`/`DNIModel` give them an
-    optimizer of their own. Under `mixed_float16` and for conditional DNI use
-    `DNISequential`/`DNIModel`: their `train_step` tells the layer the loss
-    scale and the labels. `M` is always computed in float32.
+    **Training `M`.** A linear `M` (the default) is fitted in closed form
+    (`solver="least_squares"`): after every batch, `M`'s weights become the
+    ridge regression of the per-example gradient on `M`'s inputs over an
+    exponentially weighted window of recent batches. No learning rate is
+    involved, so `M` keeps up with the layers it serves at every depth and
+    for any scale of its target; with a learned `M` (an optimizer step per
+    batch) deep networks collapsed (see `docs/depth.md`). `M`'s weights are
+    then non-trainable. With `solver="gradient"` (and always for an `M`
+    with hidden layers) `M`'s weights are trainable weights: with the
+    stock `train_step` the model's optimizer trains them together with the
+    rest of the network; `DNISequential`/`DNIModel` give them an optimizer
+    of their own (`sg_optimizer`). Under `mixed_float16` and for
+    conditional DNI use `DNISequential`/`DNIModel`: their `train_step`
+    tells the layer the loss scale and the labels. `M` is always computed
+    in float32.
 
     Reference:
     - [Jaderberg et al., 2017](https://arxiv.org/abs/1608.05343)
@@ -150,6 +200,21 @@ class SyntheticGradient(keras.layers.Layer):
         data_format: `"channels_last"` or `"channels_first"`, where the
             channels of a 4-D `h` are; `None` (default) takes
             `keras.config.image_data_format()`. Ignored for other ranks.
+        solver: how `M` is fitted to its target. `"least_squares"`: in
+            closed form after every batch (linear `M` only, per position
+            for 4-D `h`: `kernel_size` 1); `"gradient"`: one optimizer step
+            per batch on the L2 regression loss (the paper's rule);
+            `"auto"` (default): least squares wherever `M` is linear and
+            per position, else gradient.
+        solver_decay: `"auto"` (default) or a float in [0, 1), the weight
+            that the least-squares solver keeps on past batches at each
+            step (0: the current batch only). `"auto"` sets it from the
+            batch: `1 - rows / (2 * dim)` clipped to [0.5, 0.999], where
+            `rows` is the number of examples (times positions) in the
+            global batch and `dim` the number of `M`'s regressors (features
+            of `h`, label features, 1): the window holds about twice as
+            many rows as `M` has weights per output, and the current batch
+            weighs at least half.
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     **Which `M` for which `h`.** `M` follows the rank of `h`:
@@ -207,13 +272,26 @@ class SyntheticGradient(keras.layers.Layer):
         input_normalization="layer",
         kernel_size=None,
         data_format=None,
+        solver="auto",
+        solver_decay=DEFAULT_SOLVER_DECAY,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.solver = validation.check_choice(
+            "solver", solver, ("auto", "least_squares", "gradient")
+        )
+        self.solver_decay = validation.check_decay("solver_decay", solver_decay)
         self.input_normalization = validation.check_choice(
             "input_normalization", input_normalization, ("layer", None)
         )
         self.hidden_units = validation.check_hidden_units("hidden_units", hidden_units)
+        if self.solver == "least_squares" and self.hidden_units:
+            raise ValueError(
+                "`solver='least_squares'` fits a linear gradient model in "
+                "closed form; it needs `hidden_units=()`. Use "
+                "`solver='gradient'` (or 'auto') for a gradient model with "
+                f"hidden layers. Received: hidden_units={self.hidden_units!r}"
+            )
         self.batch_norm = validation.check_bool("batch_norm", batch_norm)
         self.conditional = validation.check_bool("conditional", conditional)
         self.label_dim = validation.check_optional_positive_int("label_dim", label_dim)
@@ -237,6 +315,7 @@ class SyntheticGradient(keras.layers.Layer):
             if self.conditional
             else None
         )
+        self._solver_state = _SolverState(dtype="float32", name="solver_state")
 
     # ------------------------------------------------------------------ build
     def build(self, input_shape):
@@ -294,8 +373,16 @@ class SyntheticGradient(keras.layers.Layer):
             layer.build((batch,) + inner + (width,))
             self._model_layers.append(layer)
             width = units
+        self._least_squares = self._resolve_solver()
+        if self._least_squares:
+            # Fitted in closed form (`_solve`), not by an optimizer.
+            self._input_dense.trainable = False
+            if self._label_projection is not None:
+                self._label_projection.trainable = False
         if self.conditional and self.label_dim is not None:
             self._build_label_projection()
+        elif not self.conditional:
+            self._build_solver()
         self.sg_loss_tracker = keras.metrics.Mean(
             name=f"sg_loss_{self.metric_prefix_name}"
         )
@@ -327,6 +414,43 @@ class SyntheticGradient(keras.layers.Layer):
         )
         self._label_projection.zero_init = not self.hidden_units
         self._label_projection.build((None, self.label_dim))
+        self._build_solver()
+
+    def _resolve_solver(self):
+        """Whether `M` is fitted by least squares (`solver`, at build)."""
+        per_position = not self._convolutional or self.kernel_size in (None, 1)
+        if self.solver == "least_squares" and not per_position:
+            raise ValueError(
+                "`solver='least_squares'` needs a gradient model that is "
+                "linear in the channels at each position; a "
+                f"{self.kernel_size}x{self.kernel_size} convolution is not. "
+                "Use `kernel_size=1`, or `solver='gradient'`. Received: "
+                f"kernel_size={self.kernel_size!r}"
+            )
+        if self.solver == "auto":
+            return not self.hidden_units and per_position
+        return self.solver == "least_squares"
+
+    def _build_solver(self):
+        """The running moments of the least-squares solver, once sized."""
+        if not self._least_squares:
+            return
+        first = self._input_dense
+        outputs = (
+            first.filters if isinstance(first, keras.layers.Conv2D) else first.units
+        )
+        inputs = first.kernel.shape[-2] + (self.label_dim or 0) + 1
+        self._solver_state.build((inputs, outputs))
+
+    @property
+    def least_squares(self):
+        """Whether `M` is fitted by least squares (known once built)."""
+        if not self.built:
+            raise ValueError(
+                f"Layer '{self.metric_prefix_name}' is not built yet: whether "
+                "`solver='auto'` means least squares depends on its input."
+            )
+        return self._least_squares
 
     def set_label_dim(self, label_dim):
         """Sets the label width of a conditional layer that has none yet.
@@ -350,9 +474,15 @@ class SyntheticGradient(keras.layers.Layer):
         Returns:
             A float32 tensor shaped like `inputs`.
         """
+        return self._predict(self._model_inputs(inputs), labels)
+
+    def _channels_first(self):
+        return self._convolutional and self.data_format == "channels_first"
+
+    def _model_inputs(self, inputs):
+        """`h` as `M`'s first layer sees it: float32, channels-last, normalised."""
         x = tf.cast(inputs, tf.float32)
-        channels_first = self._convolutional and self.data_format == "channels_first"
-        if channels_first:
+        if self._channels_first():
             x = tf.transpose(x, [0, 2, 3, 1])
         if self.input_normalization == "layer":
             # Over the channels (features), per example and per position
@@ -365,6 +495,10 @@ class SyntheticGradient(keras.layers.Layer):
             axes = [-1]
             mean, var = tf.nn.moments(x, axes=axes, keepdims=True)
             x = (x - mean) * tf.math.rsqrt(var + 1e-6)
+        return x
+
+    def _predict(self, x, labels):
+        """`M`'s prediction from its inputs `x` (see `_model_inputs`)."""
         x = self._input_dense(x)
         if self.conditional:
             x = x + self._label_features(labels, x)
@@ -377,11 +511,31 @@ class SyntheticGradient(keras.layers.Layer):
                 if isinstance(layer, keras.layers.BatchNormalization)
                 else layer(x)
             )
-        if channels_first:
+        if self._channels_first():
             x = tf.transpose(x, [0, 3, 1, 2])
         return x
 
     def _label_features(self, labels, inputs):
+        projected = self._label_projection(self._label_inputs(labels))
+        return self._broadcast_labels(projected, inputs)
+
+    def _broadcast_labels(self, projected, inputs):
+        """Per-example label features, broadcast over the inner axes of h."""
+        rank = inputs.shape.rank
+        if rank is not None and rank > 2:
+            new_shape = tf.concat(
+                [
+                    tf.shape(projected)[:1],
+                    tf.ones([rank - 2], tf.int32),
+                    tf.shape(projected)[1:],
+                ],
+                axis=0,
+            )
+            projected = tf.reshape(projected, new_shape)
+        return projected
+
+    def _label_inputs(self, labels):
+        """The labels as `M`'s label input: one-hot classes, or the targets."""
         if labels is None:
             raise ValueError(
                 f"The conditional layer '{self.metric_prefix_name}' "
@@ -408,23 +562,98 @@ class SyntheticGradient(keras.layers.Layer):
                 labels = tf.reshape(labels, [tf.shape(labels)[0]])
             features = tf.one_hot(labels, self.label_dim, dtype=tf.float32)
         else:
+            # The static width: the least-squares regressors need it.
             features = tf.reshape(
-                tf.cast(labels, tf.float32), [tf.shape(labels)[0], -1]
+                tf.cast(labels, tf.float32), [tf.shape(labels)[0], self.label_dim]
             )
-        projected = self._label_projection(features)
-        # Broadcast the per-example label features over the inner axes of h.
-        rank = inputs.shape.rank
-        if rank is not None and rank > 2:
-            new_shape = tf.concat(
-                [
-                    tf.shape(projected)[:1],
-                    tf.ones([rank - 2], tf.int32),
-                    tf.shape(projected)[1:],
-                ],
-                axis=0,
+        return features
+
+    # ------------------------------------------------ least-squares solver
+    def least_squares_features(self, inputs, labels=None):
+        """The regressors of a least-squares `M` at `inputs` (`h`).
+
+        Rows `[h as M sees it, label inputs, 1]`, one per example (and per
+        position for `h` of rank > 2), for `fit_least_squares`.
+        """
+        return self._solver_features(self._model_inputs(inputs), labels)
+
+    def _solver_features(self, x, labels):
+        """Rows of `M`'s regressors: `[x, label inputs, 1]` per position."""
+        parts = [x]
+        if self.conditional:
+            label_inputs = self._label_inputs(labels)
+            label_inputs = self._broadcast_labels(label_inputs, x)
+            parts.append(
+                label_inputs * tf.ones_like(x[..., :1])
+                if x.shape.rank > 2
+                else label_inputs
             )
-            projected = tf.reshape(projected, new_shape)
-        return projected
+        parts.append(tf.ones_like(x[..., :1]))
+        features = tf.concat(parts, axis=-1)
+        return tf.reshape(features, [-1, features.shape[-1]])
+
+    def fit_least_squares(self, features, target, weight=1.0):
+        """Refits a least-squares `M` on one more batch (closed form).
+
+        `M` is the ridge regression of the per-example gradient on its
+        regressors (`h` as `M` sees it, the label inputs of a conditional
+        layer, and 1 for the bias), over an exponentially weighted window
+        of recent batches: with decay `solver_decay`, the moments
+        `G <- decay * G + (1 - decay) * Z^T Z / n` and `C <- decay * C +
+        (1 - decay) * Z^T T / n` are updated and `M`'s weights set to
+        `(G + ridge * trace(G) / dim * I)^-1 C` (ridge `SOLVER_RIDGE`);
+        with `solver_decay="auto"` the decay is `1 - n / (2 * dim)`,
+        clipped to [0.5, 0.999], for `n` rows and `dim` regressors.
+        Under `tf.distribute` the batch moments are summed over replicas.
+
+        Args:
+            features: the regressors, `(rows, dim)`, from the forward pass.
+            target: the per-example gradient at `h` (layout of `h`).
+            weight: 0 to skip the batch (a non-finite gradient), else 1.
+        """
+        target = tf.cast(target, tf.float32)
+        if self._channels_first():
+            target = tf.transpose(target, [0, 2, 3, 1])
+        target = tf.reshape(target, [-1, target.shape[-1]])
+        gram = tf.matmul(features, features, transpose_a=True)
+        cross = tf.matmul(features, target, transpose_a=True)
+        rows = tf.cast(tf.shape(features)[0], tf.float32)
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:
+            gram, cross, rows = replica.all_reduce("SUM", [gram, cross, rows])
+        dim = gram.shape[-1]
+        decay = self.solver_decay
+        if decay == "auto":
+            decay = tf.clip_by_value(
+                1.0 - rows / (_ROWS_PER_REGRESSOR * dim), _MIN_DECAY, _MAX_DECAY
+            )
+        keep = decay + (1.0 - decay) * (1.0 - weight)
+        add = (1.0 - decay) * weight / tf.maximum(rows, 1.0)
+        state = self._solver_state
+        gram = keep * state.gram + add * gram
+        cross = keep * state.cross + add * cross
+        state.gram.assign(gram)
+        state.cross.assign(cross)
+        ridge = SOLVER_RIDGE * tf.linalg.trace(gram) / dim + 1e-12
+        chol = tf.linalg.cholesky(gram + ridge * tf.eye(dim))
+        solution = tf.linalg.cholesky_solve(chol, cross)
+        self._assign_solution(solution, tf.cast(weight, tf.float32) <= 0.0)
+
+    def _assign_solution(self, solution, skip):
+        """Sets `M`'s weights; with `skip` (weight 0) `M` stays as it is."""
+
+        def put(variable, value):
+            variable.assign(tf.where(skip, tf.convert_to_tensor(variable), value))
+
+        kernel = self._input_dense.kernel
+        inputs = kernel.shape[-2]
+        put(kernel, tf.reshape(solution[:inputs], kernel.shape))
+        if self.conditional:
+            put(
+                self._label_projection.kernel,
+                solution[inputs : inputs + self.label_dim],
+            )
+        put(self._input_dense.bias, solution[-1])
 
     # ------------------------------------------------------------------- call
     def call(self, inputs, training=None):
@@ -443,7 +672,8 @@ class SyntheticGradient(keras.layers.Layer):
                 "gradients it receives carry the optimizer's loss scale, "
                 "which a layer cannot see. " + _TRAINING_CONTEXT_HINT
             )
-        prediction = self.predict_gradient(tf.stop_gradient(inputs), labels)
+        x = self._model_inputs(tf.stop_gradient(inputs))
+        prediction = self._predict(x, labels)
         if ctx is not None and ctx.force_backprop:
             output = tf.identity(inputs)
             ctx.records.append((self, output, prediction))
@@ -456,6 +686,19 @@ class SyntheticGradient(keras.layers.Layer):
         op, holder = _decouple(finite_check=loss_scale is not None)
         holder["replicas"] = float(replicas)
         holder["on_loss"] = self._record_loss
+        if self._least_squares:
+            features = self._solver_features(x, labels)
+            if ctx is not None:
+                # The DNI `train_step` fits M after the backward pass (so
+                # that a stage that skips its update keeps its M).
+                def on_target(target, weight):
+                    ctx.solver_fits.append((self, features, target, weight))
+            else:
+
+                def on_target(target, weight):
+                    self.fit_least_squares(features, target, weight)
+
+            holder["on_target"] = on_target
         output = op(
             inputs,
             prediction,
@@ -482,5 +725,7 @@ class SyntheticGradient(keras.layers.Layer):
             "input_normalization": self.input_normalization,
             "kernel_size": self.kernel_size,
             "data_format": self.data_format,
+            "solver": self.solver,
+            "solver_decay": self.solver_decay,
         }
         return {**super().get_config(), **config}

@@ -61,6 +61,23 @@ def check_optional_positive_int(name, value):
     return int(value)
 
 
+def check_decay(name, value):
+    """`"auto"` or a float in [0, 1)."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"Received an invalid value for `{name}`, expected 'auto' or a "
+            f"float in [0, 1). Received: {name}={value!r}"
+        )
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected 'auto' or a "
+            f"float in [0, 1). Received: {name}={value!r}"
+        )
+    return float(value)
+
+
 def check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(

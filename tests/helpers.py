@@ -3,6 +3,9 @@
 import numpy as np
 import tensorflow as tf
 
+import keras_dni
+from keras_dni.synthetic_gradient import SOLVER_RIDGE
+
 
 def layer_norm(h):
     """The parameter-free layer norm of the gradient model's input (numpy)."""
@@ -33,3 +36,65 @@ def linear_prediction(h, kernel, bias, labels=None, label_kernel=None):
 
 def mse_loss(y_true, y_pred):
     return tf.reduce_mean(tf.square(y_pred - y_true))
+
+
+# The least-squares solver's ridge solve amplifies float32 rounding
+# differences of its inputs (another reduction order: XLA against the TF
+# kernels, two replicas' all-reduce against one sum) by up to the condition
+# number of its regularised Gram matrix, about 1 / SOLVER_RIDGE = 1e3: a
+# relative 1e-7 .. 1e-6 becomes up to ~1e-4 .. 1e-3, measured against the
+# whole solution (the bound is norm-wise, not per entry). Measured: 4e-5
+# (XLA, MirroredStrategy) with SOLVER_RIDGE = 1e-3, 2e-6 with 1e-2, 4e-7
+# with 1e-1: the gap follows the conditioning, so it is rounding, not a
+# difference of computation.
+LEAST_SQUARES_RTOL = 2e-3
+
+
+def ridge_solution(z, target):
+    """`M` after its first least-squares fit (zero moments), by numpy.
+
+    `z`: the regressors, one row per example (and position); `target`: the
+    per-example gradient, same rows. From zero moments the decay cancels.
+    """
+    z = np.asarray(z, np.float64)
+    target = np.asarray(target, np.float64).reshape(len(z), -1)
+    gram, cross = z.T @ z / len(z), z.T @ target / len(z)
+    dim = z.shape[1]
+    ridge = SOLVER_RIDGE * np.trace(gram) / dim
+    return np.linalg.solve(gram + ridge * np.eye(dim), cross)
+
+
+def least_squares_weights(model):
+    """Per entry of `model.weights`: whether it belongs to a least-squares
+    gradient model (its weights or its solver state)."""
+    ids = set()
+    for layer in keras_dni.synthetic_gradient_layers(model):
+        if layer.least_squares:
+            ids.update(id(w) for w in layer.weights)
+    return [id(w) in ids for w in model.weights]
+
+
+def assert_solution_close(actual, desired, err_msg=""):
+    """`assert_allclose` within `LEAST_SQUARES_RTOL` of the largest entry
+    (compare a least-squares M's whole solution, [kernel; bias], at once)."""
+    desired = np.asarray(desired)
+    scale = float(np.abs(desired).max()) if desired.size else 0.0
+    np.testing.assert_allclose(
+        actual,
+        desired,
+        rtol=LEAST_SQUARES_RTOL,
+        atol=LEAST_SQUARES_RTOL * scale,
+        err_msg=err_msg,
+    )
+
+
+def assert_weights_close(actual, desired, least_squares, rtol, atol):
+    """`assert_allclose` per weight; `assert_solution_close` for the weights
+    of least-squares gradient models."""
+    for i, (a, d, solved) in enumerate(zip(actual, desired, least_squares)):
+        if solved:
+            assert_solution_close(a, d, err_msg=f"weight {i}")
+        else:
+            np.testing.assert_allclose(
+                a, d, rtol=rtol, atol=atol, err_msg=f"weight {i}"
+            )

@@ -8,7 +8,8 @@ the single-process reference under the default strategy. Either way it
 trains a DNI and a cDNI `DNISequential` MLP from the same initial weights on
 the same global batches, evaluates the cDNI one, and writes ``<name>.npz`` to
 OUT_DIR (``single``, or ``worker<index>``): initial and final weights, the
-`fit` history of each model, and the `evaluate` loss.
+`fit` history of each model, the `evaluate` loss, and which weights belong
+to a least-squares gradient model (``<variant>/least_squares``).
 
 Each worker reads the whole dataset, batched by the global batch; with the
 `DATA` auto-shard policy `tf.distribute` splits each global batch into one
@@ -63,10 +64,12 @@ def dataset(x, y):
 
 
 def build(conditional, seed):
-    """The MLP, compiled, with random weights everywhere (`M`'s included).
+    """The MLP, compiled, with random trainable weights.
 
     `M` starts at zero by default; random weights make the synthetic
-    gradients nonzero from the first step, so that every update counts.
+    gradients nonzero from the first step, so that every update counts. A
+    least-squares `M` (the default) is not trainable: it starts at zero and
+    is fitted from the first batch on.
     """
     model = keras_dni.DNISequential(
         [
@@ -91,6 +94,16 @@ def build(conditional, seed):
     return model
 
 
+def least_squares_weights(model):
+    """Per entry of `model.weights`: whether it belongs to a least-squares
+    gradient model (its weights or its solver state)."""
+    ids = set()
+    for layer in keras_dni.synthetic_gradient_layers(model):
+        if layer.least_squares:
+            ids.update(id(w) for w in layer.weights)
+    return [id(w) in ids for w in model.weights]
+
+
 def main(out_dir):
     x, y = data()
     results = {
@@ -107,6 +120,9 @@ def main(out_dir):
         history = model.fit(dataset(x, y), epochs=EPOCHS, verbose=0).history
         for i, weight in enumerate(model.get_weights()):
             results[f"{variant}/weight_{i}"] = weight
+        results[f"{variant}/least_squares"] = np.asarray(
+            least_squares_weights(model), "int8"
+        )
         for key, values in history.items():
             results[f"{variant}/history/{key}"] = np.asarray(values, "float64")
     # `evaluate` (its `test_step`) across workers, once: tracing is the cost.

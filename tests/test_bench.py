@@ -10,6 +10,7 @@ import pytest
 
 from keras_dni.benchmarks import cli
 from keras_dni.benchmarks import data
+from keras_dni.benchmarks import grid
 from keras_dni.benchmarks import models
 from keras_dni.benchmarks import report
 from keras_dni.benchmarks import runs
@@ -87,14 +88,21 @@ def test_console_script_target_imports():
 
 
 def test_tasks_map_to_runners():
-    assert cli.TASKS == (
-        "digits",
-        "mnist5k",
-        "mnist1d",
-        "binary-addition",
-        "copy",
-        "timing",
-    )
+    # The known tasks, in this order, with their runners; tasks may be added
+    # after them (e.g. "schedules").
+    known = {
+        "digits": runs.mlp_runs,
+        "mnist5k": runs.mlp_runs,
+        "mnist1d": runs.mlp_runs,
+        "binary-addition": runs.mlp_runs,
+        "copy": runs.copy_runs,
+        "timing": runs.timing_runs,
+        "grid": grid.grid_runs,
+    }
+    assert cli.TASKS == tuple(cli.RUNNERS)
+    assert cli.TASKS[: len(known)] == tuple(known)
+    for task, runner in known.items():
+        assert cli.RUNNERS[task] is runner, task
     assert all(callable(cli.RUNNERS[task]) for task in cli.TASKS)
 
 

@@ -7,8 +7,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import assert_solution_close
 from helpers import layer_norm
 from helpers import mse_loss
+from helpers import ridge_solution
 
 import keras_dni
 
@@ -75,11 +77,16 @@ def test_forward_equals_conv2d():
     assert dni.synthetic_gradient.built
 
 
-@pytest.mark.parametrize("sg_kernel_size", [None, 3])
-def test_gradients_match_hand_written_tape(sg_kernel_size):
-    """Kernel/bias get dh/dW with output_gradients=M(h)/B; M the L2 grad."""
+@pytest.mark.parametrize(
+    "sg_kernel_size, solver",
+    [(None, "gradient"), (3, "gradient"), (None, "least_squares")],
+)
+def test_gradients_match_hand_written_tape(sg_kernel_size, solver):
+    """Kernel/bias get dh/dW with output_gradients=M(h)/B; M the L2 grad
+    (`solver="gradient"`) or, refitted in the backward pass, the ridge
+    regression of the per-example gradient on [normed h, 1] per position."""
     x, y = _data()
-    model = _model(sg_kernel_size=sg_kernel_size)
+    model = _model(sg_kernel_size=sg_kernel_size, sg_solver=solver)
     layer = model.get_layer("dni")
     sg = layer.synthetic_gradient
     m_kernel, m_bias = _randomize(sg._input_dense, seed=1)
@@ -109,6 +116,18 @@ def test_gradients_match_hand_written_tape(sg_kernel_size):
     np.testing.assert_allclose(got[out.kernel.path], exp_w2, atol=1e-5)
     np.testing.assert_allclose(got[out.bias.path], exp_b2, atol=1e-5)
 
+    if solver == "least_squares":
+        # M is not trained by an optimizer: its weights get no gradient, and
+        # the backward pass (stock `train_step`) refitted them on this batch.
+        assert not {id(v) for v in sg.weights} & {
+            id(v) for v in model.trainable_variables
+        }
+        rows = normed.reshape(-1, FILTERS)
+        z = np.hstack([rows, np.ones((len(rows), 1))])
+        solution = ridge_solution(z, (true_dh * B).reshape(-1, FILTERS))
+        kernel = sg._input_dense.kernel.numpy().reshape(FILTERS, FILTERS)
+        assert_solution_close(np.vstack([kernel, sg._input_dense.bias[None]]), solution)
+        return
     # M: gradient of mean((M(h) - B * dL/dh)^2) over batch, H, W, C.
     mk, mb = tf.constant(m_kernel), tf.constant(m_bias)
     with tf.GradientTape() as t:

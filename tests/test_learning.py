@@ -29,10 +29,14 @@ def test_digits_dni_within_five_points_of_backprop():
     results = {}
     for seed in (0, 1):
         backprop = _train(keras.layers.Dense, keras.Sequential, x, y, seed)
+        # Plain DNI in a shallow network: the least-squares gradient models
+        # with a long window (the default window, made for depth, is short;
+        # docs/depth.md: 91.8 / 93.1 % here with the default).
+        shallow = {"sg_solver_decay": 0.97}
         # DNIDense in a plain keras.Sequential with the stock train_step.
-        stock = _train(keras_dni.DNIDense, keras.Sequential, x, y, seed)
-        dni = _train(keras_dni.DNIDense, keras_dni.DNISequential, x, y, seed)
-        cdni = _train(
+        stock = _train(keras_dni.DNIDense, keras.Sequential, x, y, seed, **shallow)
+        dni = _train(keras_dni.DNIDense, keras_dni.DNISequential, x, y, seed, **shallow)
+        cdni = _train(  # cDNI with every default
             keras_dni.DNIDense, keras_dni.DNISequential, x, y, seed, conditional=True
         )
         results[seed] = {

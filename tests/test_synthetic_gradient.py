@@ -4,9 +4,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import assert_solution_close
 from helpers import layer_norm
 from helpers import linear_prediction
 from helpers import mse_loss
+from helpers import ridge_solution
 from helpers import set_random_gradient_model
 
 import keras_dni
@@ -51,10 +53,13 @@ def test_inference_is_identity_without_gradient_model_work():
     assert layer(x, training=False) is x
 
 
-def test_gradients_match_hand_written_tape():
-    """Kernel/bias get dh/dW with output_gradients=M(h)/B; M the L2 grad."""
+@pytest.mark.parametrize("solver", ["gradient", "least_squares"])
+def test_gradients_match_hand_written_tape(solver):
+    """Kernel/bias get dh/dW with output_gradients=M(h)/B; M the L2 grad
+    (`solver="gradient"`) or, refitted in the backward pass, the ridge
+    regression of the per-example gradient on [layer_norm(h), 1]."""
     x, y = _data()
-    model = _model()
+    model = _model(sg_solver=solver)
     layer = model.get_layer("dni")
     sg = layer.synthetic_gradient
     m_kernel, m_bias = set_random_gradient_model(sg)
@@ -84,10 +89,20 @@ def test_gradients_match_hand_written_tape():
     )
     np.testing.assert_allclose(got[model.get_layer("out").bias.path], exp_b2, atol=1e-6)
 
-    # M: d/dθ of mean((M(h) - B * dL/dh)^2) over batch and features.
     target = true_dh * B
-    d_pred = 2.0 * (pred - target) / (B * UNITS)
     inputs = layer_norm(h.numpy())
+    if solver == "least_squares":
+        # M is not trained by an optimizer: its weights get no gradient, and
+        # the backward pass (stock `train_step`) refitted them on this batch.
+        assert not {id(v) for v in sg.weights} & {
+            id(v) for v in model.trainable_variables
+        }
+        solution = ridge_solution(np.hstack([inputs, np.ones((B, 1))]), target)
+        m_weights = np.vstack([sg._input_dense.kernel, sg._input_dense.bias[None]])
+        assert_solution_close(m_weights, solution)
+        return
+    # M: d/dθ of mean((M(h) - B * dL/dh)^2) over batch and features.
+    d_pred = 2.0 * (pred - target) / (B * UNITS)
     exp_m_kernel = inputs.T @ d_pred
     exp_m_bias = d_pred.sum(0)
     np.testing.assert_allclose(
@@ -98,35 +113,45 @@ def test_gradients_match_hand_written_tape():
     )
 
 
-def test_target_is_batch_size_invariant():
-    """The same examples give the same M gradient at batch 8 and batch 16."""
+@pytest.mark.parametrize("solver", ["gradient", "least_squares"])
+def test_target_is_batch_size_invariant(solver):
+    """The same examples give the same M gradient (the same least-squares
+    fit) at batch 8 and batch 16."""
     x, y = _data()
-    model = _model()
+    model = _model(sg_solver=solver)
     sg = model.get_layer("dni").synthetic_gradient
     set_random_gradient_model(sg)
     m_kernel = sg._input_dense.kernel
 
     def m_grad(xb, yb):
+        if solver == "least_squares":
+            # From zero moments: M after the fit in the backward pass.
+            for moment in sg._solver_state.weights:
+                moment.assign(tf.zeros_like(moment))
         with tf.GradientTape() as tape:
             loss = mse_loss(yb, model(xb, training=True))
-        return tape.gradient(loss, m_kernel).numpy()
+        grad = tape.gradient(loss, m_kernel)
+        return m_kernel.numpy() if solver == "least_squares" else grad.numpy()
 
     # Duplicating the batch doubles B but leaves the per-example gradients
-    # (and therefore M's loss gradient, an average) unchanged.
-    np.testing.assert_allclose(
-        m_grad(x, y),
-        m_grad(np.concatenate([x, x]), np.concatenate([y, y])),
-        rtol=1e-4,
-        atol=1e-6,
-    )
+    # (and therefore M's loss gradient, an average, and the batch moments
+    # of the least-squares fit) unchanged.
+    once = m_grad(x, y)
+    twice = m_grad(np.concatenate([x, x]), np.concatenate([y, y]))
+    if solver == "least_squares":
+        # Other sums, rounded otherwise, through the ridge solve (helpers).
+        assert_solution_close(once, twice)
+    else:
+        np.testing.assert_allclose(once, twice, rtol=1e-4, atol=1e-6)
 
 
-def test_upstream_cut():
+@pytest.mark.parametrize("solver", ["gradient", "least_squares"])
+def test_upstream_cut(solver):
     """Below a SyntheticGradient no gradient depends on the labels."""
     x, y = _data()
     inputs = keras.Input((D_IN,))
     h = keras.layers.Dense(6, activation="relu", name="below")(inputs)
-    h = keras_dni.DNIDense(UNITS, activation="tanh", name="dni")(h)
+    h = keras_dni.DNIDense(UNITS, activation="tanh", name="dni", sg_solver=solver)(h)
     outputs = keras.layers.Dense(D_OUT, name="out")(h)
     model = keras.Model(inputs, outputs)
     model.compile(keras.optimizers.Adam(1e-2), "mse")
@@ -139,12 +164,16 @@ def test_upstream_cut():
         model.get_layer("dni").bias,
     ]
 
-    def grads(labels):
-        with tf.GradientTape() as tape:
-            loss = mse_loss(labels, model(x, training=True))
-        return [g.numpy() for g in tape.gradient(loss, below)]
-
-    g1, g2 = grads(y), grads(y + 3.0 * np.random.normal(size=y.shape))
+    # One forward pass, two losses: a least-squares M is refitted by every
+    # backward pass (the stock `train_step` path), so a second forward pass
+    # would use another M, whatever the labels.
+    with tf.GradientTape(persistent=True) as tape:
+        y_pred = model(x, training=True)
+        losses = [
+            mse_loss(labels, y_pred)
+            for labels in (y, y + 3.0 * np.random.normal(size=y.shape))
+        ]
+    g1, g2 = ([g.numpy() for g in tape.gradient(loss, below)] for loss in losses)
     assert any(np.abs(g).max() > 0 for g in g1)
     for a, b in zip(g1, g2):
         np.testing.assert_array_equal(a, b)
@@ -212,10 +241,12 @@ def test_regression_loss_falls_in_training():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 10)).astype("float32")
     y = (x[:, :3] ** 2 - x[:, 3:6]).astype("float32")
+    # M trained by sg_optimizer (the 'gradient' solver): this test checks
+    # that path; the least-squares solver is checked in test_solver.py
     model = keras_dni.DNISequential(
         [
             keras.Input((10,)),
-            keras_dni.DNIDense(32, activation="relu", name="h"),
+            keras_dni.DNIDense(32, activation="relu", name="h", sg_solver="gradient"),
             keras.layers.Dense(3),
         ]
     )

@@ -1,0 +1,220 @@
+"""The least-squares gradient model (`solver`), against numpy.
+
+The reference re-implements the solver from its definition: `M` is the
+ridge regression of the per-example gradient at `h` on `[layer-normalised
+h, one-hot labels, 1]`, over exponentially weighted batch moments.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_dni
+from keras_dni.synthetic_gradient import SOLVER_RIDGE
+
+WIDTH, CLASSES, BATCH = 6, 3, 8
+
+
+def _layer_norm(h):
+    mean = h.mean(axis=-1, keepdims=True)
+    var = h.var(axis=-1, keepdims=True)
+    return (h - mean) / np.sqrt(var + 1e-6)
+
+
+def _data(steps, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(steps * BATCH, 4)).astype("float32")
+    # Labels that identify their batch: batch k has every label == k % 3,
+    # so a solver fed another batch's labels would give other weights.
+    y = np.repeat(np.arange(steps) % CLASSES, BATCH).astype("int64")
+    return x, y
+
+
+def _model(cls, decay, conditional):
+    keras.utils.set_random_seed(1)
+    sg = keras_dni.SyntheticGradient(
+        conditional=conditional,
+        label_dim=CLASSES if conditional else None,
+        solver="least_squares",
+        solver_decay=decay,
+        name="sg",
+    )
+    model = cls(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(WIDTH, activation="tanh", name="below"),
+            sg,
+            keras.layers.Dense(CLASSES, activation="softmax", name="above"),
+        ]
+    )
+    # A zero learning rate keeps the network fixed, so the targets of every
+    # step can be computed from the initial weights.
+    model.compile(keras.optimizers.SGD(0.0), "sparse_categorical_crossentropy")
+    return model, sg
+
+
+def _reference(model, x, y, decay, conditional):
+    """`M`'s weights after one pass over `(x, y)` in batches, by numpy."""
+    below, above = model.get_layer("below"), model.get_layer("above")
+    gram = cross = 0.0
+    for start in range(0, len(x), BATCH):
+        xb, yb = x[start : start + BATCH], y[start : start + BATCH]
+        h = tf.constant(below(xb).numpy())
+        with tf.GradientTape() as tape:
+            tape.watch(h)
+            loss = tf.reduce_mean(
+                keras.losses.sparse_categorical_crossentropy(yb, above(h))
+            )
+        target = tape.gradient(loss, h).numpy() * len(xb)  # per example
+        parts = [_layer_norm(h.numpy())]
+        if conditional:
+            parts.append(np.eye(CLASSES)[yb])
+        parts.append(np.ones((len(xb), 1)))
+        z = np.concatenate(parts, axis=1).astype("float64")
+        dim = z.shape[1]
+        step_decay = (
+            np.clip(1.0 - len(xb) / (2.0 * dim), 0.5, 0.999)
+            if decay == "auto"
+            else decay
+        )
+        gram = step_decay * gram + (1 - step_decay) * z.T @ z / len(xb)
+        cross = step_decay * cross + (1 - step_decay) * z.T @ target / len(xb)
+    ridge = SOLVER_RIDGE * np.trace(gram) / dim
+    return np.linalg.solve(gram + ridge * np.eye(dim), cross)
+
+
+def _weights(sg):
+    """`M`'s weights as one matrix, rows in the reference's order."""
+    parts = [sg._input_dense.kernel.numpy()]
+    if sg.conditional:
+        parts.append(sg._label_projection.kernel.numpy())
+    parts.append(sg._input_dense.bias.numpy()[None])
+    return np.concatenate(parts, axis=0)
+
+
+@pytest.mark.parametrize(
+    "cls, decay, conditional",
+    [
+        (keras.Sequential, 0.7, False),  # stock train_step: fitted in backward
+        (keras_dni.DNISequential, 0.7, False),  # fitted by the DNI train_step
+        (keras_dni.DNISequential, "auto", True),  # cDNI, per-batch labels
+    ],
+)
+def test_least_squares_matches_numpy_ridge_regression(cls, decay, conditional):
+    x, y = _data(steps=3)
+    model, sg = _model(cls, decay, conditional)
+    model.build((None, 4))
+    expected = _reference(model, x, y, decay, conditional)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    np.testing.assert_allclose(_weights(sg), expected, rtol=2e-3, atol=2e-5)
+
+
+def test_least_squares_prediction_is_the_fitted_linear_map():
+    x, y = _data(steps=2)
+    model, sg = _model(keras_dni.DNISequential, 0.5, True)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    h = model.get_layer("below")(x[:BATCH]).numpy()
+    z = np.concatenate(
+        [_layer_norm(h), np.eye(CLASSES)[y[:BATCH]], np.ones((BATCH, 1))], axis=1
+    )
+    np.testing.assert_allclose(
+        sg.predict_gradient(h, y[:BATCH]).numpy(),
+        z @ _weights(sg),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+def test_least_squares_sends_its_prediction_below():
+    # One step: the layer below is updated from M's prediction before the
+    # refit (zero at the first step, so it does not move).
+    x, y = _data(steps=1)
+    model, _ = _model(keras_dni.DNISequential, 0.5, False)
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    model.build((None, 4))
+    before = model.get_layer("below").kernel.numpy().copy()
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    np.testing.assert_array_equal(model.get_layer("below").kernel.numpy(), before)
+    assert np.abs(model.get_layer("above").kernel.numpy()).sum() > 0
+
+
+def test_auto_solver():
+    dense = keras_dni.SyntheticGradient()
+    dense.build((None, 8))
+    assert dense.least_squares
+    assert not dense.trainable_weights  # M is fitted, not trained
+    hidden = keras_dni.SyntheticGradient(hidden_units=(8,))
+    hidden.build((None, 8))
+    assert not hidden.least_squares
+    assert hidden.trainable_weights
+    conv3 = keras_dni.SyntheticGradient(kernel_size=3)
+    conv3.build((None, 4, 4, 2))
+    assert not conv3.least_squares
+    gradient = keras_dni.SyntheticGradient(solver="gradient")
+    gradient.build((None, 8))
+    assert not gradient.least_squares
+
+
+def test_recurrent_gradient_model_keeps_the_optimizer():
+    layer = keras_dni.DNIRNN(keras.layers.LSTMCell(4), truncation=2)
+    assert layer.synthetic_gradient.solver == "gradient"
+
+
+def test_solver_config_round_trip():
+    layer = keras_dni.DNIDense(4, sg_solver="least_squares", sg_solver_decay=0.25)
+    config = layer.get_config()
+    assert config["sg_solver"] == "least_squares"
+    assert config["sg_solver_decay"] == 0.25
+    again = keras_dni.DNIDense.from_config(config)
+    assert again.synthetic_gradient.solver == "least_squares"
+    assert again.synthetic_gradient.solver_decay == 0.25
+    sg = keras_dni.SyntheticGradient(solver="gradient", solver_decay="auto")
+    assert keras_dni.SyntheticGradient.from_config(sg.get_config()).solver == (
+        "gradient"
+    )
+
+
+def test_solver_state_is_saved(tmp_path):
+    x, y = _data(steps=2)
+    model, sg = _model(keras_dni.DNISequential, 0.5, True)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    restored_sg = restored.get_layer("sg")
+    np.testing.assert_array_equal(
+        restored_sg._solver_state.gram.numpy(), sg._solver_state.gram.numpy()
+    )
+    np.testing.assert_array_equal(_weights(restored_sg), _weights(sg))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"solver": "adam"}, ValueError, "Received: solver='adam'"),
+        ({"solver_decay": 1.0}, ValueError, "Received: solver_decay=1.0"),
+        ({"solver_decay": "fast"}, TypeError, "Received: solver_decay='fast'"),
+        (
+            {"solver": "least_squares", "hidden_units": (8,)},
+            ValueError,
+            "needs `hidden_units=\\(\\)`",
+        ),
+    ],
+)
+def test_solver_argument_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        keras_dni.SyntheticGradient(**kwargs)
+
+
+def test_dni_layer_solver_argument_errors():
+    with pytest.raises(ValueError, match="Received: sg_solver='lsq'"):
+        keras_dni.DNIDense(4, sg_solver="lsq")
+    with pytest.raises(ValueError, match="sg_solver_decay=-0.5"):
+        keras_dni.DNIDense(4, sg_solver_decay=-0.5)
+
+
+def test_least_squares_needs_a_per_position_convolution():
+    layer = keras_dni.SyntheticGradient(solver="least_squares", kernel_size=3)
+    with pytest.raises(ValueError, match="Received: kernel_size=3"):
+        layer.build((None, 4, 4, 2))
