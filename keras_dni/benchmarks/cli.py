@@ -14,9 +14,18 @@ Tasks:
 - `copy`: the recurrent copy task (`copy_task`), truncated BPTT vs DNI, for
   each truncation length of `--truncations`; `--jobs N` trains N runs at a
   time, each in its own process with one TensorFlow thread.
+- `grid`: the robustness grid (`grid.CELLS`): backprop, DNI, cDNI and DNI
+  with one decoupling point after the first hidden layer (`dni-bottom`) on
+  MLPs of other data sets, depths, widths, activations and batch sizes, at
+  budgets where backprop has converged; a table of gaps to backprop and a
+  heat map (`grid.png`). `--jobs N` as for `copy`; `--cells` picks cells.
 - `timing`: training-step time of DNI and cDNI relative to backprop for
   784-w-w-10 MLPs of growing width `w`, batch 128, measured alternately in one
   process (median of repeats).
+- `schedules`: peak memory of a training step of a deep MLP (`--depth`
+  layers of `--width`) with backprop, and DNI under `schedule="locked"` and
+  `"unlocked"` split into `--stages` stages, per batch size of
+  `--batch-sizes`; one fresh process per configuration (`schedules_bench`).
 
 Several tasks, comma-separated, run one after the other into one
 `results.json` and one table.
@@ -40,7 +49,9 @@ import argparse
 import os
 import sys
 
+from keras_dni.benchmarks import grid
 from keras_dni.benchmarks import runs
+from keras_dni.benchmarks import schedules_bench
 from keras_dni.benchmarks.models import ARCHS
 from keras_dni.benchmarks.models import METHODS
 from keras_dni.benchmarks.report import plot
@@ -56,6 +67,8 @@ RUNNERS = {
     **{task: runs.mlp_runs for task in MLP_TASKS},
     "copy": runs.copy_runs,
     "timing": runs.timing_runs,
+    "grid": grid.grid_runs,
+    "schedules": schedules_bench.schedules_runs,
 }
 TASKS = tuple(RUNNERS)
 
@@ -99,8 +112,9 @@ def make_parser():
     )
     parser.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated subset of {','.join(METHODS)} (default: all)",
+        default=None,
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all); "
+        f"grid: of {','.join(grid.GRID_METHODS)}",
     )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
@@ -164,6 +178,19 @@ def make_parser():
     )
     parser.add_argument("--units", type=int, default=128, help="copy: LSTM units")
     parser.add_argument(
+        "--sg-solver",
+        default="auto",
+        choices=["auto", "least_squares", "gradient"],
+        help="MLP, CNN and timing tasks: the DNI layers' `sg_solver` (default auto: "
+        "least squares for the linear gradient models; 'gradient': "
+        "sg_optimizer=Adam(1e-3), the default before least squares)",
+    )
+    parser.add_argument(
+        "--cells",
+        default=None,
+        help="grid: comma-separated cell names (default: every cell)",
+    )
+    parser.add_argument(
         "--batch-size", type=int, default=32, help="copy: sequences per step"
     )
     parser.add_argument(
@@ -184,6 +211,23 @@ def make_parser():
         choices=["layer", "none"],
         help="copy: normalization of M's input (default none)",
     )
+    parser.add_argument(
+        "--batch-sizes",
+        default="128,512",
+        help="schedules: comma-separated batch sizes (default 128,512)",
+    )
+    parser.add_argument(
+        "--stages",
+        default="2,4,8",
+        help="schedules: comma-separated numbers of DNI stages, divisors of "
+        "--depth (default 2,4,8); --steps: measured training steps (default 5)",
+    )
+    parser.add_argument(
+        "--depth", type=int, default=8, help="schedules: hidden layers (default 8)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=1024, help="schedules: hidden width (default 1024)"
+    )
     return parser
 
 
@@ -197,7 +241,8 @@ def main(argv=None):
             f"unknown task {_names(unknown)}: expected one of {', '.join(TASKS)}"
         )
     try:
-        methods = _parse_list(args.methods, METHODS, "method")
+        allowed = grid.GRID_METHODS if tasks == ["grid"] else METHODS
+        methods = _parse_list(args.methods or ",".join(allowed), allowed, "method")
         if args.arch not in ARCHS:
             raise argparse.ArgumentTypeError(
                 f"invalid --arch {args.arch!r}: expected one of {', '.join(ARCHS)}"

@@ -20,12 +20,16 @@ def build_mlp(
     width=256,
     depth=3,
     dni_layers=None,
+    activation="relu",
+    dni_kwargs=None,
 ):
     """The benchmark MLP for one method (`backprop`, `dni` or `cdni`).
 
     `dni_layers`: indices of the hidden layers (0 = bottom) that are
     `DNIDense` for `dni`/`cdni`; the others are plain `Dense`. `None`
-    (default) makes every hidden layer a DNI layer.
+    (default) makes every hidden layer a DNI layer. `activation`: that of
+    every hidden layer. `dni_kwargs`: more arguments for the `DNIDense`
+    layers (e.g. `sg_solver`).
     """
     import keras
 
@@ -45,15 +49,16 @@ def build_mlp(
     for i in range(depth):
         if method == "backprop" or i not in dni_layers:
             hidden.append(
-                keras.layers.Dense(width, activation="relu", name=f"hidden_{i}")
+                keras.layers.Dense(width, activation=activation, name=f"hidden_{i}")
             )
         else:
             hidden.append(
                 keras_dni.DNIDense(
                     width,
-                    activation="relu",
+                    activation=activation,
                     conditional=method == "cdni",
                     name=f"hidden_{i}",
+                    **(dni_kwargs or {}),
                 )
             )
     layers = [keras.Input((input_dim,))] + hidden
@@ -65,8 +70,11 @@ def build_mlp(
     return keras_dni.DNISequential(layers)
 
 
-def build_cnn(method, image_size, output_dim):
-    """The benchmark CNN for one method, on `image_size` square images."""
+def build_cnn(method, image_size, output_dim, dni_kwargs=None):
+    """The benchmark CNN for one method, on `image_size` square images.
+
+    `dni_kwargs`: more arguments for the `DNIConv2D` layers.
+    """
     import keras
 
     import keras_dni
@@ -76,7 +84,7 @@ def build_cnn(method, image_size, output_dim):
         conv, kwargs, cls = keras.layers.Conv2D, {}, keras.Sequential
     else:
         conv, cls = keras_dni.DNIConv2D, keras_dni.DNISequential
-        kwargs = {"conditional": method == "cdni"}
+        kwargs = {"conditional": method == "cdni", **(dni_kwargs or {})}
     return cls(
         [
             keras.Input((image_size, image_size, 1)),

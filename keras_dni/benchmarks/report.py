@@ -9,7 +9,10 @@ import os
 
 import numpy as np
 
+from keras_dni.benchmarks.grid import grid_table
+from keras_dni.benchmarks.grid import plot_grid
 from keras_dni.benchmarks.models import METHODS
+from keras_dni.benchmarks.schedules_bench import schedules_table
 from keras_dni.benchmarks.tasks import MLP_TASKS
 
 
@@ -27,7 +30,8 @@ def summarise(records):
     table of `copy_table`.
     """
     lines = []
-    acc_records = [r for r in records if r["task"] not in ("timing", "copy")]
+    acc_records = [r for r in records if r["task"] not in ("timing", "copy", "grid")]
+    acc_records = [r for r in acc_records if r["task"] != "schedules"]
     if acc_records:
         methods = [m for m in METHODS if any(r["method"] == m for r in acc_records)]
         lines.append("| task | metric | " + " | ".join(methods) + " |")
@@ -71,6 +75,16 @@ def summarise(records):
                     cell += f"; arithmetic x{macs[0]:.2f}"
                 cells.append(cell + ")")
             lines.append(f"| {width} | " + " | ".join(cells) + " |")
+    grid = [r for r in records if r["task"] == "grid"]
+    if grid:
+        if lines:
+            lines.append("")
+        lines.append(grid_table(grid))
+    schedules = [r for r in records if r["task"] == "schedules"]
+    if schedules:
+        if lines:
+            lines.append("")
+        lines.append(schedules_table(schedules))
     copy = [r for r in records if r["task"] == "copy"]
     if copy:
         lines.append("")
@@ -150,7 +164,7 @@ def plot(records, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    paths = plot_grid(records, out_dir)
     for task in dict.fromkeys(_group(r) for r in records):
         rows = [r for r in records if _group(r) == task]
         if rows[0]["task"] in MLP_TASKS:

@@ -33,8 +33,11 @@ def run_mlp(
     batch_size=64,
     dni_layers=None,
     arch="mlp",
+    sg_solver="auto",
 ):
     """Trains one model; returns a results record.
+
+    `sg_solver` is the DNI layers' `sg_solver`.
 
     `dni_layers` is passed to `build_mlp` (`None`: all hidden layers).
     `arch="cnn"` trains `build_cnn` instead, for `IMAGE_TASKS`.
@@ -61,9 +64,16 @@ def run_mlp(
     else:
         out, act, loss = 10, "softmax", "sparse_categorical_crossentropy"
     if arch == "cnn":
-        model = build_cnn(method, x.shape[1], out)
+        model = build_cnn(method, x.shape[1], out, {"sg_solver": sg_solver})
     else:
-        model = build_mlp(method, x.shape[1], out, act, dni_layers=dni_layers)
+        model = build_mlp(
+            method,
+            x.shape[1],
+            out,
+            act,
+            dni_layers=dni_layers,
+            dni_kwargs={"sg_solver": sg_solver},
+        )
     model.compile(keras.optimizers.Adam(1e-3), loss)
     curve = []
 
@@ -94,6 +104,7 @@ def run_mlp(
             "hidden": [32, 64] if arch == "cnn" else [256, 256, 256],
             "dni_layers": None if dni_layers is None else sorted(dni_layers),
             "optimizer": "adam(1e-3)",
+            "sg_solver": sg_solver,
             "train_size": len(x),
             "test_size": len(xt),
         },
@@ -147,6 +158,7 @@ def run_timing(
     steps=30,
     batch_size=128,
     jit_compile="auto",
+    sg_solver="auto",
 ):
     """Median training-step time per method and width, measured in turns.
 
@@ -155,7 +167,9 @@ def run_timing(
     machine hit all of them. A step's time is measured between Keras'
     batch callbacks (the compiled train function and Keras' per-step
     work), which leaves out what `fit` does once per call; the figure is the
-    median over all steps.
+    median over all steps. `sg_solver`: the DNI layers' (the multiply-add
+    count leaves out the least-squares solve, about `(w + 1) ** 3 / 3`
+    multiply-adds per DNI layer and step for a plain layer of width `w`).
     """
     import keras
     import tensorflow as tf
@@ -174,7 +188,15 @@ def run_timing(
         )
         models, timers = {}, {}
         for method in methods:
-            model = build_mlp(method, 784, 10, "softmax", width=width, depth=2)
+            model = build_mlp(
+                method,
+                784,
+                10,
+                "softmax",
+                width=width,
+                depth=2,
+                dni_kwargs={"sg_solver": sg_solver},
+            )
             model.compile(
                 keras.optimizers.Adam(1e-3),
                 "sparse_categorical_crossentropy",
@@ -218,6 +240,7 @@ def run_timing(
                         "repeats": repeats,
                         "steps": steps,
                         "jit_compile": jit_compile,
+                        "sg_solver": sg_solver,
                     },
                 }
             )
@@ -351,6 +374,7 @@ def mlp_runs(task, args, methods):
                 small=args.small,
                 dni_layers=args.dni_layers,
                 arch=args.arch,
+                sg_solver=args.sg_solver,
             )
             records.append(record)
             m = record["metrics"]
@@ -375,6 +399,7 @@ def timing_runs(task, args, methods):
         repeats=2 if args.small else 10,
         steps=5 if args.small else 30,
         jit_compile=True if args.jit_compile else "auto",
+        sg_solver=args.sg_solver,
     )
 
 

@@ -1,0 +1,109 @@
+"""The robustness grid (`bench grid`) and the depth probe, on tiny budgets."""
+
+import json
+import os
+
+import pytest
+
+from keras_dni.benchmarks import cli
+from keras_dni.benchmarks import depth_probe
+from keras_dni.benchmarks import grid
+
+
+def test_grid_small_writes_records_table_and_heat_map(tmp_path, capsys):
+    out = str(tmp_path / "grid")
+    cli.main(
+        [
+            "grid",
+            "--small",
+            "--seeds",
+            "1",
+            "--methods",
+            "backprop,cdni,dni-bottom",
+            "--out",
+            out,
+        ]
+    )
+    with open(os.path.join(out, "results.json")) as f:
+        records = json.load(f)
+    cells = [c["name"] for c in grid.SMALL_CELLS]
+    assert sorted({r["cell"] for r in records}) == sorted(cells)
+    assert {r["method"] for r in records} == {"backprop", "cdni", "dni-bottom"}
+    for record in records:
+        assert len(record["metrics"]["curve"]) == record["config"]["epochs"]
+        assert 0.0 <= grid.main_score(record) <= 1.0
+    # Each run was also logged as it ended.
+    with open(os.path.join(out, "runs.jsonl")) as f:
+        assert len(f.read().splitlines()) == len(records)
+    assert os.path.exists(os.path.join(out, "grid.png"))
+    printed = capsys.readouterr().out
+    assert "| cell | backprop | cdni | dni-bottom | collapsed |" in printed
+    assert "binary-addition-2x16-sigmoid-b64 *" in printed  # held-out mark
+
+
+def test_grid_table_gap_and_collapse_count():
+    def record(cell, method, seed, accuracy):
+        return {
+            "task": "grid",
+            "cell": cell,
+            "method": method,
+            "seed": seed,
+            "metrics": {"accuracy": accuracy},
+            "config": {"held_out": False},
+        }
+
+    records = [record("c", "backprop", s, 0.9) for s in range(2)] + [
+        record("c", "dni", 0, 0.1),
+        record("c", "dni", 1, 0.7),
+    ]
+    table = grid.grid_table(records)
+    assert "| c | 90.0 ± 0.0 | 40.0 ± 30.0 (-50.0) | 1 |" in table
+
+
+def test_grid_rejects_unknown_cells_and_methods(tmp_path):
+    with pytest.raises(ValueError, match="Received: \\['nope'\\]"):
+        cli.main(["grid", "--small", "--cells", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        cli.main(["grid", "--small", "--methods", "bp", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="Received: method='bp'"):
+        grid.run_cell(grid.SMALL_CELLS[0], "bp", 0, small=True)
+
+
+def test_grid_cells_cover_the_axes():
+    cells = grid.CELLS
+    assert len(cells) >= 12
+    assert {c["task"] for c in cells} == {
+        "digits",
+        "mnist5k",
+        "mnist1d",
+        "binary-addition",
+    }
+    assert min(c["depth"] for c in cells) == 2
+    assert max(c["depth"] for c in cells) == 10
+    assert {c["activation"] for c in cells} == {"relu", "tanh", "sigmoid"}
+    assert min(c["width"] for c in cells) == 64
+    assert max(c["width"] for c in cells) == 1024
+    assert {32, 256} <= {c["batch_size"] for c in cells}
+    assert sum(c["held_out"] for c in cells) >= 3
+
+
+def test_depth_probe_reports_per_layer_cosines(capsys):
+    depth_probe.main(
+        [
+            "--method",
+            "cdni",
+            "--depth",
+            "2",
+            "--width",
+            "8",
+            "--epochs",
+            "1",
+            "--monitor-every",
+            "2",
+            "--batch-norm",
+        ]
+    )
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["sg_cosine"]) == {"hidden_0", "hidden_1"}
+    assert set(result["sg_loss"]) == {"hidden_0", "hidden_1"}
+    assert 0.0 <= result["accuracy"] <= 1.0
