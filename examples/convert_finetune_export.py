@@ -7,9 +7,11 @@ served without them, on scikit-learn's 8x8 digits (offline):
 2. `keras_dni.apply_dni(model, conditional=True)`: a `DNISequential` copy
    whose hidden `Dense` layers are `DNIDense` layers (cDNI) with the same
    weights, so it makes the same predictions;
-3. continue training it with DNI (`compile(..., sg_optimizer=...)`: the
-   model's optimizer updates the network from the synthetic gradients,
-   `sg_optimizer` trains the gradient models);
+3. continue training it with DNI: the model's optimizer updates the
+   network from the synthetic gradients, and each linear gradient model is
+   refitted by least squares after every batch (the default
+   `sg_solver="auto"`; `compile(sg_optimizer=...)` would only be used with
+   `apply_dni(..., sg_solver="gradient")`);
 4. `keras_dni.strip_dni`: a plain `keras.Sequential` with the same weights
    and the same predictions, without any gradient model;
 5. `model.export(path)`: a TensorFlow SavedModel, reloaded with
@@ -95,12 +97,12 @@ def main(argv=None):
         f"{type(dni_model).__name__} {layer_types(dni_model)}"
     )
 
-    # 3. Continue training with synthetic gradients.
+    # 3. Continue training with synthetic gradients. The gradient models
+    # are fitted by least squares after each batch (no `sg_optimizer`).
     dni_model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
-        sg_optimizer=keras.optimizers.Adam(1e-3),
     )
     history = dni_model.fit(x, y, batch_size=64, epochs=args.finetune_epochs, verbose=0)
     dni_predictions = dni_model.predict(x_test, verbose=0)

@@ -12,7 +12,10 @@ below 0.15 bits per output step; the script prints the longest `N` (and
 sequence length) each method solves within the same number of steps.
 
 It uses `keras_dni.benchmarks.copy_task.run_copy_task` (an LSTM of 128
-units, batch 32, Adam 3e-3 for the network and 1e-3 for `M`). By default
+units, batch 32, Adam 3e-3 for the network and 1e-3 for `M`). A recurrent
+`M` is always trained by gradient steps (`DNIRNN` does not use the
+least-squares solver that fits the linear `M` of `DNIDense` and
+`DNIConv2D` by default), so that default does not apply here. By default
 the curriculum starts at the longest `N` whose sequence fits in one chunk
 (`N = 2` at `T = 5`): both methods learn it with full backprop, and only
 the longer ones need memory across a chunk border.

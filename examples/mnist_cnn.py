@@ -14,7 +14,11 @@ takes about 2 minutes on 2 CPU cores. `--smoke` runs it in seconds on a
 slice of the data.
 
 The `--sg-*` options change the gradient models of the DNI layers (see
-`keras_dni.DNIConv2D`).
+`keras_dni.DNIConv2D`). The default, a linear 1x1 convolution, is refitted
+by least squares after each batch (`--sg-solver auto`); `--sg-solver
+gradient`, and any gradient model with hidden layers or a kernel larger
+than 1x1, is trained instead by one step per batch of the default
+`sg_optimizer` (Adam 1e-3) on its regression loss.
 """
 
 import argparse
@@ -63,6 +67,9 @@ def main(argv=None):
     parser.add_argument("--sg-kernel-size", type=int, default=None)
     parser.add_argument("--sg-batch-norm", action="store_true")
     parser.add_argument(
+        "--sg-solver", choices=("auto", "least_squares", "gradient"), default="auto"
+    )
+    parser.add_argument(
         "--sg-input-normalization", choices=("layer", "none"), default="layer"
     )
     parser.add_argument(
@@ -73,6 +80,7 @@ def main(argv=None):
         "sg_hidden_units": tuple(int(u) for u in args.sg_hidden_units.split(",") if u),
         "sg_kernel_size": args.sg_kernel_size,
         "sg_batch_norm": args.sg_batch_norm,
+        "sg_solver": args.sg_solver,
         "sg_input_normalization": (
             None if args.sg_input_normalization == "none" else "layer"
         ),

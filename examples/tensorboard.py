@@ -11,7 +11,8 @@ callbacks:
   with and the true gradient;
 - `keras.callbacks.TensorBoard(log_dir)`, placed *after* the monitor so that
   it records the monitor's values with the losses, including each gradient
-  model's regression loss (`sg_loss_<layer>`).
+  model's regression loss (`sg_loss_<layer>`, the error of its prediction
+  on each batch before it is refitted by least squares, the default).
 
 It then reads the event files back (`read_scalars`, TensorFlow only) and
 prints each scalar tag with its first and last value.
@@ -115,7 +116,6 @@ def main(argv=None):
         optimizer=keras.optimizers.Adam(1e-3),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
-        sg_optimizer=keras.optimizers.Adam(1e-3),
     )
     log_dir = os.path.join(args.out, "logs")
     callbacks = [

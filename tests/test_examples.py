@@ -76,6 +76,32 @@ def test_tutorial_binary_addition(tmp_path):
     assert (tmp_path / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_tutorial_binary_addition_sg_solver(tmp_path):
+    # `--sg-solver gradient`: the tutorial's own rule (an `sg_optimizer` step
+    # per batch) instead of the least-squares default.
+    out = run_example(
+        "tutorial_binary_addition.py",
+        "--sg-solver",
+        "gradient",
+        "--methods",
+        "DNI,cDNI",
+        "--activations",
+        "relu",
+        "--out",
+        tmp_path,
+    )
+    assert "sg_solver='gradient'" in out
+    assert "| relu | DNI |" in out and "| relu | cDNI |" in out
+
+
+@pytest.mark.parametrize("solver", ["auto", "least_squares", "gradient"])
+def test_tutorial_build_model_passes_sg_solver(solver):
+    tutorial = load_example("tutorial_binary_addition.py")
+    model = tutorial.build_model("cDNI", "sigmoid", 8, solver)
+    for name in ("layer_1", "layer_2"):
+        assert model.get_layer(name).synthetic_gradient.solver == solver
+
+
 def test_mnist_mlp():
     out = run_example("mnist_mlp.py")
     for method in ("backprop", "DNI", "cDNI"):

@@ -218,3 +218,25 @@ def test_least_squares_needs_a_per_position_convolution():
     layer = keras_dni.SyntheticGradient(solver="least_squares", kernel_size=3)
     with pytest.raises(ValueError, match="Received: kernel_size=3"):
         layer.build((None, 4, 4, 2))
+
+
+def test_conditional_float_targets_with_a_short_last_batch():
+    # Float targets (e.g. binary addition's bits) and an unknown batch size
+    # in the traced step (10 examples, batch 4): the regressors keep a
+    # static width.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 4)).astype("float32")
+    y = (rng.random((10, 3)) > 0.5).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras_dni.DNISequential(
+        [
+            keras.Input((4,)),
+            keras_dni.DNIDense(WIDTH, activation="relu", conditional=True, name="c"),
+            keras.layers.Dense(3, activation="sigmoid"),
+        ]
+    )
+    model.compile("adam", "binary_crossentropy")
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    sg = model.get_layer("c").synthetic_gradient
+    assert sg.least_squares
+    assert np.abs(sg._label_projection.kernel.numpy()).sum() > 0
