@@ -104,21 +104,17 @@ class _SolverState(keras.layers.Layer):
 
     def build(self, shape):
         inputs, outputs = shape
-        self.gram = self.add_weight(
-            shape=(inputs, inputs),
+        self.gram = self._moment((inputs, inputs), "gram")
+        self.cross = self._moment((inputs, outputs), "cross")
+
+    def _moment(self, shape, name):
+        return self.add_weight(
+            shape=shape,
             initializer="zeros",
             trainable=False,
             autocast=False,
             aggregation="only_first_replica",
-            name="gram",
-        )
-        self.cross = self.add_weight(
-            shape=(inputs, outputs),
-            initializer="zeros",
-            trainable=False,
-            autocast=False,
-            aggregation="only_first_replica",
-            name="cross",
+            name=name,
         )
 
     def call(self, inputs):

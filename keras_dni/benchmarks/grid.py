@@ -103,8 +103,8 @@ def run_cell(cell, method, seed, small=False):
     import keras
 
     from keras_dni.benchmarks.models import build_mlp
-    from keras_dni.benchmarks.tasks import _score
     from keras_dni.benchmarks.tasks import load_task
+    from keras_dni.benchmarks.tasks import scores_each_epoch
 
     _check("method", method, GRID_METHODS)
     x, y, xt, yt, kind = load_task(cell["task"], small=small)
@@ -128,12 +128,6 @@ def run_cell(cell, method, seed, small=False):
     )
     model.compile(keras.optimizers.Adam(1e-3), loss)
     scores = []
-
-    class Evaluate(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            pred = self.model.predict(xt, batch_size=1024, verbose=0)
-            scores.append(_score(pred, yt, kind))
-
     start = time.time()
     model.fit(
         x,
@@ -141,7 +135,7 @@ def run_cell(cell, method, seed, small=False):
         batch_size=cell["batch_size"],
         epochs=cell["epochs"],
         verbose=0,
-        callbacks=[Evaluate()],
+        callbacks=[scores_each_epoch(xt, yt, kind, scores)],
     )
     metrics = dict(scores[-1])
     metrics["curve"] = [round(s[key], 4) for s in scores]
@@ -251,6 +245,7 @@ def grid_table(records):
     ]
     for cell in cells:
         base = _stats(grid, cell, "backprop")
+        bits = any("exact_accuracy" in r["metrics"] for r in grid if r["cell"] == cell)
         row = [cell + (" *" if cell in held else "")]
         collapsed = 0
         for method in methods:
@@ -262,11 +257,6 @@ def grid_table(records):
             text = f"{mean:.1f} ± {std:.1f}"
             if base is not None and method != "backprop":
                 text += f" ({mean - base[0]:+.1f})"
-                bits = any(
-                    r["task"] == "grid" and "exact_accuracy" in r["metrics"]
-                    for r in grid
-                    if r["cell"] == cell
-                )
                 if not bits and base[0] > 40.0:
                     collapsed += sum(v < 20.0 for v in values)
             row.append(text)

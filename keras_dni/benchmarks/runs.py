@@ -17,8 +17,8 @@ from keras_dni.benchmarks.models import ARCHS
 from keras_dni.benchmarks.models import build_cnn
 from keras_dni.benchmarks.models import build_mlp
 from keras_dni.benchmarks.tasks import IMAGE_TASKS
-from keras_dni.benchmarks.tasks import _score
 from keras_dni.benchmarks.tasks import load_task
+from keras_dni.benchmarks.tasks import scores_each_epoch
 
 COPY_MAX_LENGTH = 64  # copy: the curriculum stops at this N
 
@@ -76,15 +76,14 @@ def run_mlp(
         )
     model.compile(keras.optimizers.Adam(1e-3), loss)
     curve = []
-
-    class Evaluate(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            pred = self.model.predict(xt, batch_size=1024, verbose=0)
-            curve.append(_score(pred, yt, kind))
-
     start = time.time()
     model.fit(
-        x, y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[Evaluate()]
+        x,
+        y,
+        batch_size=batch_size,
+        epochs=epochs,
+        verbose=0,
+        callbacks=[scores_each_epoch(xt, yt, kind, curve)],
     )
     metrics = dict(curve[-1])
     metrics["train_seconds"] = time.time() - start

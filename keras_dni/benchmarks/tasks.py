@@ -25,6 +25,18 @@ def load_task(task, small=False):
     return x, y, xt, yt, kind
 
 
+def scores_each_epoch(x_test, y_test, kind, scores):
+    """A callback that appends `_score` on the held-out set after each epoch."""
+    import keras
+
+    class Evaluate(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            pred = self.model.predict(x_test, batch_size=1024, verbose=0)
+            scores.append(_score(pred, y_test, kind))
+
+    return Evaluate()
+
+
 def _score(pred, y, kind):
     if kind == "bits":
         right = (pred > 0.5) == (y > 0.5)
