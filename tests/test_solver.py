@@ -240,3 +240,31 @@ def test_conditional_float_targets_with_a_short_last_batch():
     sg = model.get_layer("c").synthetic_gradient
     assert sg.least_squares
     assert np.abs(sg._label_projection.kernel.numpy()).sum() > 0
+
+
+def test_unlocked_equals_locked_with_least_squares_and_skipped_stages():
+    # Within one synchronous step every gradient comes from the weights at
+    # the start of the step, so the schedules differ only in the order of
+    # the work; with the same draws, skipped stages included.
+    x, y = _data(steps=4)
+    weights = {}
+    for schedule in ("locked", "unlocked"):
+        keras.utils.set_random_seed(0)
+        model = keras_dni.DNISequential(
+            [
+                keras.Input((4,)),
+                keras_dni.DNIDense(WIDTH, activation="relu", conditional=True),
+                keras_dni.DNIDense(WIDTH, activation="relu", conditional=True),
+                keras.layers.Dense(CLASSES, activation="softmax"),
+            ]
+        )
+        model.compile(
+            keras.optimizers.Adam(1e-2),
+            "sparse_categorical_crossentropy",
+            schedule=schedule,
+            update_probability=0.5,
+        )
+        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        weights[schedule] = model.get_weights()
+    for locked, unlocked in zip(weights["locked"], weights["unlocked"]):
+        np.testing.assert_allclose(unlocked, locked, rtol=1e-6, atol=1e-7)
