@@ -11,6 +11,7 @@ import keras
 import tensorflow as tf
 
 from keras_dni import context
+from keras_dni import pipelined
 from keras_dni import schedules
 from keras_dni.synthetic_gradient import SyntheticGradient
 
@@ -133,19 +134,26 @@ class DNITrainerMixin:
                 `keras.optimizers.Adam(1e-3)`, the default measured in
                 `keras_dni.benchmarks`. The model's `optimizer` updates every other
                 weight, from the synthetic gradients.
-            schedule: `"locked"` (default) or `"unlocked"`. `"locked"`: one
-                forward and one backward pass over the whole model, then
-                the updates. `"unlocked"`: stage by stage, each stage runs
-                forward and is updated from its synthetic gradient before
-                the next stage runs (on the activation it produced before
-                its update); the gradient model at a stage's output is
-                trained on the gradient that the next stage's backward pass
-                sends it. Needs a model that is a chain of stages (a
-                `DNISequential`, or a `DNIModel` whose graph passes each
+            schedule: `"locked"` (default), `"unlocked"` or
+                `"pipelined"`. `"locked"`: one forward and one backward
+                pass over the whole model, then the updates. `"unlocked"`:
+                stage by stage, each stage runs forward and is updated from
+                its synthetic gradient before the next stage runs (on the
+                activation it produced before its update); the gradient
+                model at a stage's output is trained on the gradient that
+                the next stage's backward pass sends it. `"pipelined"`:
+                every stage at once, stage `k` on the batch that entered
+                `k` steps earlier (its input activation and labels are held
+                between steps); the first steps fill the pipeline, and loss
+                and metrics are those of the batch the last stage saw. The
+                per-stage schedules need a model that is a chain of stages
+                (a `DNISequential`, or a `DNIModel` whose graph passes each
                 decoupling point as a single tensor), `bp_lambda=0` and no
-                loss scaling (`mixed_float16`).
+                loss scaling (`mixed_float16`); `"pipelined"` also runs
+                without XLA (`jit_compile` `"auto"` means `False` there) and
+                on one replica.
             stage_devices: `None` (default) or a list of device strings,
-                one per stage: `schedule="unlocked"` runs each stage's
+                one per stage: the per-stage schedules run each stage's
                 forward pass, backward pass and update under
                 `tf.device(device)`.
             update_probability: float in (0, 1], default 1. In each step
@@ -179,6 +187,25 @@ class DNITrainerMixin:
                         f"bp_lambda={layer.initial_bp_lambda}. Use "
                         "`bp_lambda=0` or `schedule='locked'`."
                     )
+        if dni_schedule.schedule == "pipelined":
+            if jit_compile is True:
+                raise ValueError(
+                    "`schedule='pipelined'` holds each stage's batch between "
+                    "steps in variables whose batch size changes (the last "
+                    "batch of an epoch), which XLA cannot compile. Use "
+                    "`jit_compile=False` or `'auto'`. Received: "
+                    f"jit_compile={jit_compile!r}"
+                )
+            jit_compile = False
+            replicas = self.distribute_strategy.num_replicas_in_sync
+            if replicas > 1:
+                raise ValueError(
+                    "`schedule='pipelined'` runs each stage on one device "
+                    "(`stage_devices`), not on replicas of a distribution "
+                    f"strategy; this model's strategy has {replicas} replicas. "
+                    "Use `schedule='unlocked'` or `'locked'` with "
+                    "`tf.distribute`."
+                )
         sg_optimizer = keras.optimizers.get(sg_optimizer)
         if not isinstance(sg_optimizer, keras.optimizers.Optimizer):
             raise TypeError(
@@ -308,6 +335,13 @@ class DNITrainerMixin:
             )
             self._track_loss(loss, x)
             return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if dni_schedule.schedule == "pipelined":
+            # Loss and metrics of the batch that the last stage saw.
+            y_pred, loss, y, sample_weight = pipelined.pipelined_train_step(
+                self, dni_schedule, masks, x, y, sample_weight
+            )
+            self._track_loss(loss, y_pred)
+            return self.compute_metrics(None, y, y_pred, sample_weight=sample_weight)
         loss_scale = self._loss_scale()
         with context.training_context(labels=y, loss_scale=loss_scale) as ctx:
             with tf.GradientTape() as tape:

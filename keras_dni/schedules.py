@@ -11,13 +11,20 @@ stages run and update (see `docs/schedules.md`):
   from its synthetic gradient, and only then stage `k + 1` runs, on the
   activation that stage `k` produced before its update. Stage `k + 1`'s
   backward pass gives the target of stage `k`'s gradient model.
+- `"pipelined"`: all stages at once, each on its own batch. In step `t`
+  stage `k` works on the batch that entered the network `k` steps earlier:
+  its input is the activation that stage `k - 1` produced in step `t - 1`,
+  held between steps with that batch's labels (a `Pipeline`). No stage waits
+  for another within a step; every update is applied at the end of the
+  step. The gradient at stage `k`'s input is the target of stage `k - 1`'s
+  gradient model, one step after that model predicted it.
 
 `update_probability=p` updates each stage (its network weights and the
 gradient model at its output) with probability `p` per step, independently.
 
 This module splits a model into stages (`split_stages`), holds a model's
 schedule settings (`StageSchedule`) and runs the per-stage updates
-(`unlocked_train_step`, `apply_by_stage`).
+(`unlocked_train_step`, `pipelined_train_step`, `apply_by_stage`).
 """
 
 import numbers
@@ -30,7 +37,7 @@ from keras_dni.conv import DNIConv2D
 from keras_dni.dense import DNIDense
 from keras_dni.synthetic_gradient import SyntheticGradient
 
-SCHEDULES = ("locked", "unlocked")
+SCHEDULES = ("locked", "unlocked", "pipelined")
 
 
 # ------------------------------------------------------------ validation
@@ -72,7 +79,8 @@ def check_stage_devices(value, schedule):
         raise ValueError(
             "Received `stage_devices` with `schedule='locked'`, which runs the "
             "model as one forward and one backward pass. Use "
-            "`schedule='unlocked'` to place stages on devices. Received: "
+            "`schedule='unlocked'` or `'pipelined'` to place stages on "
+            "devices. Received: "
             f"stage_devices={value!r}"
         )
     return list(value)
@@ -91,12 +99,14 @@ class Stage:
         variables: the stage's trainable network variables (model order).
         gradient_model_variables: `synthetic_gradient.trainable_variables`.
         device: device string or `None`.
+        output: the symbolic tensor the stage outputs (shape and dtype).
     """
 
-    def __init__(self, call, layers, synthetic_gradient):
+    def __init__(self, call, layers, synthetic_gradient, output=None):
         self.call = call
         self.layers = layers
         self.synthetic_gradient = synthetic_gradient
+        self.output = output
         self.variables = []
         self.gradient_model_variables = (
             list(synthetic_gradient.trainable_variables) if synthetic_gradient else []
@@ -159,10 +169,19 @@ def _sequential_stages(model, schedule):
         current.append(layer)
         sg = _output_synthetic_gradient(layer)
         if sg is not None:
-            stages.append(Stage(run(current), current, sg))
+            stages.append(Stage(run(current), current, sg, _symbolic_output(layer)))
             current = []
-    stages.append(Stage(run(current), current, None))
+    stages.append(Stage(run(current), current, None, _symbolic_output(model)))
     return stages
+
+
+def _symbolic_output(layer):
+    """`layer`'s symbolic output (a stage's output spec), or `None`."""
+    try:
+        outputs = tf.nest.flatten(getattr(layer, "outputs", None) or layer.output)
+    except (AttributeError, ValueError):
+        return None
+    return outputs[0] if len(outputs) == 1 else None
 
 
 def _functional_stages(model, schedule):
@@ -230,16 +249,21 @@ def _functional_stages(model, schedule):
     for i, (layer, tensor) in enumerate(boundaries):
         stage_model = submodel(inputs, tensor, f"{model.name}_stage_{i}")
         stages.append(
-            Stage(run(stage_model), [stage_model], _output_synthetic_gradient(layer))
+            Stage(
+                run(stage_model),
+                [stage_model],
+                _output_synthetic_gradient(layer),
+                tensor,
+            )
         )
         inputs = tensor
     outputs = tf.nest.flatten(model.outputs)
     if len(outputs) == 1 and outputs[0] is inputs:
         # The model ends at its last decoupling point: the loss is the stage.
-        stages.append(Stage(lambda h: h, [], None))
+        stages.append(Stage(lambda h: h, [], None, inputs))
     else:
         stage_model = submodel(inputs, model.output, f"{model.name}_stage_{last}")
-        stages.append(Stage(run(stage_model), [stage_model], None))
+        stages.append(Stage(run(stage_model), [stage_model], None, model.output))
     return stages
 
 
@@ -294,6 +318,8 @@ class StageSchedule:
         self.update_probability = check_update_probability(update_probability)
         self.stage_devices = check_stage_devices(stage_devices, self.schedule)
         self.stages = None
+        # The `"pipelined"` schedule's held batches (`keras_dni.pipelined`).
+        self.pipeline = None
         # Seeded from Keras' global seed (`keras.utils.set_random_seed`), so
         # `fit` is reproducible.
         self.seed_generator = (
@@ -478,6 +504,70 @@ def _add(grads, more):
     ]
 
 
+def _stage_pass(model, stage, index, h, x, y, sample_weight, ctx, persistent):
+    """Forward and backward pass of one stage on `h` (in `ctx`).
+
+    `x`, `y` and `sample_weight` go to `model.compute_loss` in the last
+    stage (`x` may be `None`: the batch's inputs are not held).
+
+    The stage's objective is the synthetic gradient at its output (plus its
+    regularisation terms), or the loss for the last stage.
+
+    Returns:
+        A dict: `tape` (kept only if `persistent`), `out` (the stage's output,
+        `y_pred` for the last stage), `grads` (of the stage's variables),
+        `grad_input` (the gradient at `h`, `None` for the first stage), and
+        `prediction` and `scale` (`M`'s prediction at the output and the
+        per-example scale) or `loss`.
+    """
+    optimizer = model.optimizer
+    loss_scale = model._loss_scale()
+    replicas = float(tf.distribute.get_strategy().num_replicas_in_sync)
+    last = stage.synthetic_gradient is None
+    result = {}
+    with tf.GradientTape(persistent=persistent) as tape:
+        inputs = tf.nest.flatten(h)
+        if index:
+            tape.watch(inputs)
+        first_record = len(ctx.records)
+        out = stage.call(h)
+        if last:
+            loss = model.compute_loss(
+                x=x,
+                y=y,
+                y_pred=out,
+                sample_weight=sample_weight,
+                training=True,
+            )
+            objective = optimizer.scale_loss(loss)
+            result["loss"] = loss
+        else:
+            regularization = stage.losses()
+            if regularization is not None:
+                regularization = optimizer.scale_loss(regularization)
+    sources = stage.variables + (inputs if index else [])
+    if last:
+        grads = tape.gradient(objective, sources)
+    else:
+        sg = stage.synthetic_gradient
+        prediction = _prediction(ctx.records[first_record:], sg)
+        scale = _per_example_scale(out, loss_scale, replicas)
+        synthetic = tf.cast(prediction * scale, out.dtype)
+        grads = tape.gradient(out, sources, output_gradients=synthetic)
+        if regularization is not None:
+            extra = tape.gradient(regularization, stage.variables)
+            grads = _add(grads, extra + [None] * (len(grads) - len(extra)))
+        result.update(prediction=prediction, scale=scale)
+    n = len(stage.variables)
+    result.update(
+        tape=tape if persistent else None,
+        out=out,
+        grads=list(grads[:n]),
+        grad_input=grads[n] if index else None,
+    )
+    return result
+
+
 def unlocked_train_step(model, stages, masks, x, y, sample_weight):
     """One `"unlocked"` training step; returns `(y_pred, loss)`.
 
@@ -489,60 +579,39 @@ def unlocked_train_step(model, stages, masks, x, y, sample_weight):
     model with `sg_optimizer`, on the gradient at its input. The next stage
     starts only once the update is applied.
     """
-    optimizer = model.optimizer
-    loss_scale = model._loss_scale()
-    replicas = float(tf.distribute.get_strategy().num_replicas_in_sync)
-    network = _StepCounter(optimizer)
+    network = _StepCounter(model.optimizer)
     gradient_models = _StepCounter(model.sg_optimizer)
     # (tape, sg layer, prediction, per-example scale, mask, h)
     pending = None
     h = x
     y_pred = loss = None
     with context.training_context(
-        labels=y, loss_scale=loss_scale, force_backprop=True
+        labels=y, loss_scale=model._loss_scale(), force_backprop=True
     ) as ctx:
         for index, stage in enumerate(stages):
             last = stage.synthetic_gradient is None
             mask = _mask(masks, index)
             with tf.device(stage.device):
-                with tf.GradientTape(persistent=not last) as tape:
-                    inputs = tf.nest.flatten(h)
-                    if index:
-                        tape.watch(inputs)
-                    first_record = len(ctx.records)
-                    out = stage.call(h)
-                    if last:
-                        y_pred = out
-                        loss = model.compute_loss(
-                            x=x,
-                            y=y,
-                            y_pred=y_pred,
-                            sample_weight=sample_weight,
-                            training=True,
-                        )
-                        objective = optimizer.scale_loss(loss)
-                    else:
-                        regularization = stage.losses()
-                        if regularization is not None:
-                            regularization = optimizer.scale_loss(regularization)
-                sources = stage.variables + (inputs if index else [])
-                if last:
-                    grads = tape.gradient(objective, sources)
-                else:
-                    sg = stage.synthetic_gradient
-                    prediction = _prediction(ctx.records[first_record:], sg)
-                    scale = _per_example_scale(out, loss_scale, replicas)
-                    synthetic = tf.cast(prediction * scale, out.dtype)
-                    grads = tape.gradient(out, sources, output_gradients=synthetic)
-                    if regularization is not None:
-                        extra = tape.gradient(regularization, stage.variables)
-                        grads = _add(grads, extra + [None] * (len(grads) - len(extra)))
-                n = len(stage.variables)
-                network.apply(grads[:n], stage.variables, mask)
+                result = _stage_pass(
+                    model, stage, index, h, x, y, sample_weight, ctx, not last
+                )
+                network.apply(result["grads"], stage.variables, mask)
                 if pending is not None:
-                    _train_gradient_model(gradient_models, pending, grads[n], y)
-                if not last:
-                    pending = (tape, sg, prediction, scale, mask, out)
+                    _train_gradient_model(
+                        gradient_models, pending, result["grad_input"], y
+                    )
+                out = result["out"]
+                if last:
+                    y_pred, loss = out, result["loss"]
+                else:
+                    pending = (
+                        result["tape"],
+                        stage.synthetic_gradient,
+                        result["prediction"],
+                        result["scale"],
+                        mask,
+                        out,
+                    )
                     h = _after(out, stage.variables)
     network.finish()
     gradient_models.finish()

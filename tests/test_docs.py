@@ -32,6 +32,7 @@ def test_readme_example_runs(tmp_path, monkeypatch):
         "keras_dni.conversion",
         "keras_dni.recurrent",
         "keras_dni.benchmarks.copy_task",
+        "keras_dni.pipelined",
     ],
 )
 def test_docstring_examples(module):

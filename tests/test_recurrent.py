@@ -257,7 +257,9 @@ def _rnn_step(x, h, kernel, recurrent_kernel, bias):
     return tf.tanh(x @ kernel + h @ recurrent_kernel + bias)
 
 
-def test_stateful_carries_state_and_synthetic_gradient_across_batches():
+@pytest.mark.parametrize("discount", [1.0, 0.5])
+def test_stateful_carries_state_and_synthetic_gradient_across_batches(discount):
+    """The batch's end gets discount * M(s)/B; M's target is TD(discount)."""
     x1, x2 = _inputs((B, 3, D_IN), 0), _inputs((B, 3, D_IN), 1)
     r = _inputs((B, 3, UNITS), 2)
     layer = DNIRNN(
@@ -265,6 +267,7 @@ def test_stateful_carries_state_and_synthetic_gradient_across_batches():
         truncation=3,
         stateful=True,
         return_sequences=True,
+        stream_discount=discount,
     )
     layer.build((B, 3, D_IN))
     m_kernel, m_bias = set_random_gradient_model(layer.synthetic_gradient)
@@ -287,7 +290,8 @@ def test_stateful_carries_state_and_synthetic_gradient_across_batches():
             h = _rnn_step(xt[:, t], h, *weights)
             hand_loss += tf.reduce_sum(h * r[:, t]) / norm
         end = h.numpy()
-        hand_loss += tf.reduce_sum(h * _prediction(end, m_kernel, m_bias) / B)
+        synthetic = discount * _prediction(end, m_kernel, m_bias) / B
+        hand_loss += tf.reduce_sum(h * synthetic)
     np.testing.assert_allclose(got_x, tape.gradient(hand_loss, xt), rtol=1e-4)
     np.testing.assert_allclose(layer.states[0], end, rtol=1e-6)
 
@@ -304,8 +308,9 @@ def test_stateful_carries_state_and_synthetic_gradient_across_batches():
         for t in range(3):
             h = _rnn_step(x2[:, t], h, *weights)
             hand2 += tf.reduce_sum(h * r[:, t]) / norm
-        # Bootstrapped: batch 2's own end also receives M(s)/B.
-        hand2 += tf.reduce_sum(h * _prediction(h.numpy(), m_kernel, m_bias) / B)
+        # Bootstrapped: batch 2's own end also receives discount * M(s)/B.
+        synthetic = discount * _prediction(h.numpy(), m_kernel, m_bias) / B
+        hand2 += tf.reduce_sum(h * synthetic)
     np.testing.assert_allclose(out2[:, -1], h, rtol=1e-5, atol=1e-6)
     target = tape.gradient(hand2, s0).numpy() * B
     d_pred = 2.0 * (_prediction(end, m_kernel, m_bias) - target) / (B * UNITS)
@@ -382,6 +387,9 @@ def test_get_config_has_every_constructor_argument():
         sg_hidden_units=(8,),
         sg_input_normalization=None,
         bp_lambda=0.5,
+        stream_discount=0.25,
+        sg_states="all",
+        aux_weight=2.0,
     )
     config = layer.get_config()
     params = set(inspect.signature(DNIRNN.__init__).parameters) - {"self", "kwargs"}
@@ -402,6 +410,22 @@ def test_get_config_has_every_constructor_argument():
         ({"sg_hidden_units": (0,)}, ValueError, "`sg_hidden_units`"),
         ({"sg_input_normalization": "batch"}, ValueError, "`sg_input_normalization`"),
         ({"bp_lambda": 2.0}, ValueError, "`bp_lambda`"),
+        (
+            {"stream_discount": 1.5},
+            ValueError,
+            r"`stream_discount`, expected a float in \[0, 1\].*stream_discount=1.5",
+        ),
+        ({"stream_discount": True}, TypeError, "stream_discount=True"),
+        ({"stream_discount": "0.5"}, TypeError, "stream_discount='0.5'"),
+        ({"sg_states": "cell"}, ValueError, "`sg_states`.*sg_states='cell'"),
+        ({"aux": 1}, TypeError, "`aux`, expected a bool"),
+        ({"aux_weight": -1.0}, ValueError, "`aux_weight`.*aux_weight=-1.0"),
+        ({"aux_weight": None}, TypeError, "aux_weight=None"),
+        (
+            {"aux": True, "synthetic_gradient": False},
+            ValueError,
+            "`aux`.*needs `synthetic_gradient=True`",
+        ),
     ],
 )
 def test_constructor_errors(kwargs, error, match):

@@ -26,6 +26,24 @@ Tasks:
   layers of `--width`) with backprop, and DNI under `schedule="locked"` and
   `"unlocked"` split into `--stages` stages, per batch size of
   `--batch-sizes`; one fresh process per configuration (`schedules_bench`).
+- `repeat-copy`: repeat copy (Graves et al. 2014) on the stream protocol
+  (`streams`), truncated BPTT (`bptt`), DNI (`dni`) and DNI + Aux
+  (`dni-aux`) per truncation of `--truncations`; `copy --protocol stream`
+  runs the copy task on the same protocol.
+- `charlm`: character-level language modelling on the pydoc topics text
+  (`charlm`), bits per character on its test part, the same three methods.
+- `throughput`: examples per second in `fit` of the same MLP under
+  `schedule="pipelined"` (one thread per stage) against backprop (every
+  core in each op) and `"locked"` DNI, per width of `--widths`, batch size
+  and number of stages, measured alternately in fresh processes,
+  `--seeds` rounds (`throughput`).
+- MLP tasks with `--schedule unlocked|pipelined` and
+  `--update-probability p`: the DNI models compiled with that schedule.
+- `paper-fcn`: the paper's feed-forward protocol (`paper_fcn`): FCNs of
+  `--depths` hidden layers of 256 with batch norm, every layer decoupled
+  (DNI: gradient model 2x1024 with batch norm; cDNI: linear), Adam with
+  step decay, batch 256, `--iterations` iterations, on the MNIST subset and
+  a larger generated MNIST-1D (`--datasets`); a table by depth and a plot.
 
 Several tasks, comma-separated, run one after the other into one
 `results.json` and one table.
@@ -50,8 +68,11 @@ import os
 import sys
 
 from keras_dni.benchmarks import grid
+from keras_dni.benchmarks import paper_fcn
+from keras_dni.benchmarks import recurrent_runs
 from keras_dni.benchmarks import runs
 from keras_dni.benchmarks import schedules_bench
+from keras_dni.benchmarks import throughput
 from keras_dni.benchmarks.models import ARCHS
 from keras_dni.benchmarks.models import METHODS
 from keras_dni.benchmarks.report import plot
@@ -69,6 +90,10 @@ RUNNERS = {
     "timing": runs.timing_runs,
     "grid": grid.grid_runs,
     "schedules": schedules_bench.schedules_runs,
+    "throughput": throughput.throughput_runs,
+    "paper-fcn": paper_fcn.paper_fcn_runs,
+    "repeat-copy": recurrent_runs.stream_runs,
+    "charlm": recurrent_runs.charlm_runs,
 }
 TASKS = tuple(RUNNERS)
 
@@ -186,6 +211,20 @@ def make_parser():
         "sg_optimizer=Adam(1e-3), the default before least squares)",
     )
     parser.add_argument(
+        "--schedule",
+        default="locked",
+        choices=["locked", "unlocked", "pipelined"],
+        help="MLP and CNN tasks: the DNI models' `compile(schedule=...)` "
+        "(default locked)",
+    )
+    parser.add_argument(
+        "--update-probability",
+        type=float,
+        default=1.0,
+        help="MLP and CNN tasks: the DNI models' `compile(update_probability=...)`, "
+        "in (0, 1] (default 1)",
+    )
+    parser.add_argument(
         "--cells",
         default=None,
         help="grid: comma-separated cell names (default: every cell)",
@@ -228,6 +267,69 @@ def make_parser():
     parser.add_argument(
         "--width", type=int, default=1024, help="schedules: hidden width (default 1024)"
     )
+    parser.add_argument(
+        "--protocol",
+        default="episodes",
+        choices=["episodes", "stream"],
+        help="copy: independent episodes (default) or one continuous stream "
+        "of episodes per row with a stateful DNIRNN (repeat-copy always streams)",
+    )
+    parser.add_argument(
+        "--chunks",
+        type=int,
+        default=None,
+        help="stream tasks: chunks of T steps per training step (default: 1 for "
+        "copy and repeat-copy; charlm: ceil(20 / T))",
+    )
+    parser.add_argument(
+        "--stream-discount",
+        type=float,
+        default=0.5,
+        help="stream tasks: DNIRNN's stream_discount (default 0.5)",
+    )
+    parser.add_argument(
+        "--sg-states",
+        default="auto",
+        choices=["auto", "all", "outputs"],
+        help="stream tasks: DNIRNN's sg_states, the states that get M's "
+        "prediction (default auto: a stateful LSTM's h only)",
+    )
+    parser.add_argument(
+        "--aux-weight",
+        type=float,
+        default=1.0,
+        help="dni-aux: DNIRNN's aux_weight (default 1)",
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="charlm: training steps between validation BPC measurements (default 250)",
+    )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=4,
+        help="charlm: validation measurements without improvement before "
+        "stopping early (default 4)",
+    )
+    parser.add_argument(
+        "--depths",
+        default="3,4,5,6",
+        help="paper-fcn: comma-separated numbers of hidden layers (default 3,4,5,6)",
+    )
+    parser.add_argument(
+        "--datasets",
+        default="mnist5k,mnist1d",
+        help="paper-fcn: comma-separated data sets (default mnist5k,mnist1d)",
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help=f"paper-fcn: training iterations per run (default "
+        f"{paper_fcn.ITERATIONS}; --small: {paper_fcn.SMALL_ITERATIONS})",
+    )
     return parser
 
 
@@ -242,7 +344,12 @@ def main(argv=None):
         )
     try:
         allowed = grid.GRID_METHODS if tasks == ["grid"] else METHODS
-        methods = _parse_list(args.methods or ",".join(allowed), allowed, "method")
+        default = allowed
+        if all(t in recurrent_runs.RECURRENT_TASKS for t in tasks):
+            # bptt (or backprop), dni, dni-aux; copy's default stays bptt, dni.
+            allowed = recurrent_runs.METHOD_NAMES
+            default = ("bptt", "dni") if tasks == ["copy"] else allowed[:3]
+        methods = _parse_list(args.methods or ",".join(default), allowed, "method")
         if args.arch not in ARCHS:
             raise argparse.ArgumentTypeError(
                 f"invalid --arch {args.arch!r}: expected one of {', '.join(ARCHS)}"
@@ -267,11 +374,26 @@ def main(argv=None):
             dni_layers = sorted({int(i) for i in dni_layers})
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
+    for name in ("chunks", "eval_every"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} must be a positive integer, got {value}")
+    if args.patience <= 0:
+        parser.error(f"--patience must be a positive integer, got {args.patience}")
+    if not 0.0 <= args.stream_discount <= 1.0:
+        parser.error(f"--stream-discount must be in [0, 1], got {args.stream_discount}")
+    if not args.aux_weight >= 0.0:
+        parser.error(f"--aux-weight must be non-negative, got {args.aux_weight}")
     for name in ("seeds", "jobs", "units", "batch_size"):
         value = getattr(args, name)
         if value <= 0:
             flag = "--" + name.replace("_", "-")
             parser.error(f"{flag} must be a positive integer, got {value}")
+    if not 0.0 < args.update_probability <= 1.0:
+        parser.error(
+            f"--update-probability must be in (0, 1], got {args.update_probability}"
+        )
     if args.epochs is not None and args.epochs <= 0:
         parser.error(f"--epochs must be a positive integer, got {args.epochs}")
     if args.start_length != "auto" and not 1 <= args.start_length <= COPY_MAX_LENGTH:

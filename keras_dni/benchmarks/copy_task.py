@@ -111,6 +111,7 @@ def build_copy_model(
     bits=DEFAULT_BITS,
     sg_input_normalization=None,
     sg_hidden_units=(),
+    aux=False,
 ):
     """An LSTM (`DNIRNN`) with a linear read-out of `bits` logits per step."""
     return keras.Sequential(
@@ -123,6 +124,7 @@ def build_copy_model(
                 return_sequences=True,
                 sg_input_normalization=sg_input_normalization,
                 sg_hidden_units=sg_hidden_units,
+                aux=aux,
                 name="rnn",
             ),
             keras.layers.Dense(bits, name="readout"),
@@ -145,6 +147,7 @@ def run_copy_task(
     start_length=1,
     sg_input_normalization=None,
     sg_hidden_units=(),
+    aux=False,
     verbose=False,
 ):
     """Trains an LSTM on the copy task with a curriculum on `N`.
@@ -178,7 +181,8 @@ def run_copy_task(
             chunk, so that stage trains both methods with full backprop; at
             `truncation=3`, starting at `N = 1` left DNI unable to learn
             `N = 3` (see the README, whose recurrent table uses `"auto"`).
-        sg_input_normalization, sg_hidden_units: passed to `DNIRNN`.
+        sg_input_normalization, sg_hidden_units, aux: passed to `DNIRNN`
+            (`aux=True`: DNI + Aux; needs `synthetic_gradient=True`).
         verbose: print each curriculum step.
 
     Returns:
@@ -217,6 +221,7 @@ def run_copy_task(
         units=units,
         sg_input_normalization=sg_input_normalization,
         sg_hidden_units=sg_hidden_units,
+        aux=aux,
     )
     rnn = model.get_layer("rnn")
     sg_vars = rnn.synthetic_gradient.trainable_variables if synthetic_gradient else []

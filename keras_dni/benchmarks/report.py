@@ -12,15 +12,24 @@ import numpy as np
 from keras_dni.benchmarks.grid import grid_table
 from keras_dni.benchmarks.grid import plot_grid
 from keras_dni.benchmarks.models import METHODS
+from keras_dni.benchmarks.paper_fcn import paper_fcn_table
+from keras_dni.benchmarks.recurrent_runs import bpc_table
+from keras_dni.benchmarks.recurrent_runs import length_table
 from keras_dni.benchmarks.schedules_bench import schedules_table
 from keras_dni.benchmarks.tasks import MLP_TASKS
+from keras_dni.benchmarks.throughput import throughput_table
 
 
 def _group(record):
-    """The table row / plot name of a record: its task, `-cnn` for CNNs."""
-    if record.get("config", {}).get("arch") == "cnn":
-        return record["task"] + "-cnn"
-    return record["task"]
+    """The table row / plot name of a record: its task, `-cnn` for CNNs,
+    and the schedule and update probability where not the defaults."""
+    config = record.get("config", {})
+    name = record["task"] + ("-cnn" if config.get("arch") == "cnn" else "")
+    schedule = config.get("schedule", "locked")
+    probability = config.get("update_probability", 1.0)
+    if schedule != "locked" or probability != 1.0:
+        name += f"-{schedule}" + (f"-p{probability:g}" if probability != 1.0 else "")
+    return name
 
 
 def summarise(records):
@@ -30,8 +39,10 @@ def summarise(records):
     table of `copy_table`.
     """
     lines = []
-    acc_records = [r for r in records if r["task"] not in ("timing", "copy", "grid")]
-    acc_records = [r for r in acc_records if r["task"] != "schedules"]
+    # Tasks with tables of their own (the recurrent ones print theirs).
+    own_tables = ("timing", "copy", "grid", "schedules", "throughput")
+    own_tables += ("repeat-copy", "charlm", "paper-fcn")
+    acc_records = [r for r in records if r["task"] not in own_tables]
     if acc_records:
         methods = [m for m in METHODS if any(r["method"] == m for r in acc_records)]
         lines.append("| task | metric | " + " | ".join(methods) + " |")
@@ -85,6 +96,18 @@ def summarise(records):
         if lines:
             lines.append("")
         lines.append(schedules_table(schedules))
+    own = {
+        "throughput": throughput_table,
+        "paper-fcn": paper_fcn_table,
+        "repeat-copy": length_table,
+        "charlm": bpc_table,
+    }
+    for task, table in own.items():
+        rows = [r for r in records if r["task"] == task]
+        if rows:
+            if lines:
+                lines.append("")
+            lines.append(table(rows))
     copy = [r for r in records if r["task"] == "copy"]
     if copy:
         lines.append("")

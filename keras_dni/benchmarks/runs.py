@@ -34,10 +34,14 @@ def run_mlp(
     dni_layers=None,
     arch="mlp",
     sg_solver="auto",
+    schedule="locked",
+    update_probability=1.0,
 ):
     """Trains one model; returns a results record.
 
-    `sg_solver` is the DNI layers' `sg_solver`.
+    `sg_solver` is the DNI layers' `sg_solver`; `schedule` and
+    `update_probability` go to the DNI models' `compile` (backprop ignores
+    them).
 
     `dni_layers` is passed to `build_mlp` (`None`: all hidden layers).
     `arch="cnn"` trains `build_cnn` instead, for `IMAGE_TASKS`.
@@ -74,7 +78,11 @@ def run_mlp(
             dni_layers=dni_layers,
             dni_kwargs={"sg_solver": sg_solver},
         )
-    model.compile(keras.optimizers.Adam(1e-3), loss)
+    dni = method != "backprop"
+    schedule_kwargs = (
+        {"schedule": schedule, "update_probability": update_probability} if dni else {}
+    )
+    model.compile(keras.optimizers.Adam(1e-3), loss, **schedule_kwargs)
     curve = []
     start = time.time()
     model.fit(
@@ -104,6 +112,8 @@ def run_mlp(
             "dni_layers": None if dni_layers is None else sorted(dni_layers),
             "optimizer": "adam(1e-3)",
             "sg_solver": sg_solver,
+            "schedule": schedule if dni else "locked",
+            "update_probability": update_probability if dni else 1.0,
             "train_size": len(x),
             "test_size": len(xt),
         },
@@ -284,7 +294,8 @@ def run_copy(args, methods):
     jobs = [
         {
             "truncation": t,
-            "synthetic_gradient": method != "backprop",
+            "synthetic_gradient": method not in ("backprop", "bptt"),
+            "aux": method == "dni-aux",
             "steps": steps,
             "seed": seed,
             "units": args.units,
@@ -303,6 +314,7 @@ def run_copy(args, methods):
 
     def finish(kwargs, result):
         method = "dni" if kwargs["synthetic_gradient"] else "bptt"
+        method += "-aux" if kwargs["aux"] else ""
         config = {
             key: kwargs[key]
             for key in (
@@ -374,6 +386,8 @@ def mlp_runs(task, args, methods):
                 dni_layers=args.dni_layers,
                 arch=args.arch,
                 sg_solver=args.sg_solver,
+                schedule=args.schedule,
+                update_probability=args.update_probability,
             )
             records.append(record)
             m = record["metrics"]
@@ -403,5 +417,14 @@ def timing_runs(task, args, methods):
 
 
 def copy_runs(task, args, methods):
-    """The CLI's runner of `copy`: `run_copy`, without cDNI (no labels)."""
-    return run_copy(args, [m for m in methods if m != "cdni"])
+    """The CLI's runner of `copy`: `run_copy`, without cDNI (no labels).
+
+    With `--protocol stream`, `recurrent_runs.stream_runs` instead (one
+    continuous stream of episodes per row, stateful `DNIRNN`).
+    """
+    methods = [m for m in methods if m != "cdni"]
+    if getattr(args, "protocol", "episodes") == "stream":
+        from keras_dni.benchmarks.recurrent_runs import stream_runs
+
+        return stream_runs(task, args, methods)
+    return run_copy(args, methods)

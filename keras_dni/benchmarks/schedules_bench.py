@@ -81,7 +81,9 @@ def activation_bytes(batch_size, depth, width, stages):
     return sum(sizes), max(sizes)
 
 
-def _build(method, depth, width, stages):
+def _build(method, depth, width, stages, sg_solver="auto"):
+    """The MLP: `keras.Sequential` for backprop, else a `DNISequential` with
+    a `DNIDense` (gradient models with `sg_solver`) ending each stage."""
     import keras
 
     import keras_dni
@@ -92,8 +94,13 @@ def _build(method, depth, width, stages):
         dni = decoupling_layers(depth, stages)
     layers = [keras.Input((INPUT_DIM,))]
     for i in range(depth):
-        cls = keras_dni.DNIDense if i in dni else keras.layers.Dense
-        layers.append(cls(width, activation="relu", name=f"hidden_{i}"))
+        if i in dni:
+            layer = keras_dni.DNIDense(
+                width, activation="relu", sg_solver=sg_solver, name=f"hidden_{i}"
+            )
+        else:
+            layer = keras.layers.Dense(width, activation="relu", name=f"hidden_{i}")
+        layers.append(layer)
     layers.append(keras.layers.Dense(OUTPUT_DIM, activation="softmax", name="output"))
     if method == "backprop":
         return keras.Sequential(layers), dni
