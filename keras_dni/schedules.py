@@ -14,7 +14,8 @@ stages run and update (see `docs/schedules.md`):
 - `"pipelined"`: all stages at once, each on its own batch. In step `t`
   stage `k` works on the batch that entered the network `k` steps earlier:
   its input is the activation that stage `k - 1` produced in step `t - 1`,
-  held between steps with that batch's labels (a `Pipeline`). No stage waits
+  held between steps with that batch's labels (`keras_dni.pipelined`, which
+  runs this schedule's step with the helpers below). No stage waits
   for another within a step; every update is applied at the end of the
   step. The gradient at stage `k`'s input is the target of stage `k - 1`'s
   gradient model, one step after that model predicted it.
@@ -24,7 +25,7 @@ gradient model at its output) with probability `p` per step, independently.
 
 This module splits a model into stages (`split_stages`), holds a model's
 schedule settings (`StageSchedule`) and runs the per-stage updates
-(`unlocked_train_step`, `pipelined_train_step`, `apply_by_stage`).
+(`unlocked_train_step`, `apply_by_stage`).
 """
 
 import numbers
