@@ -61,6 +61,13 @@ class _Held:
             sample_weight,
         )
         self.valid = tf.Variable(False, trainable=False, name="pipeline_valid")
+        # See `read`.
+        self._read = tf.function(
+            self._read_all, experimental_attributes={"_noinline": True}
+        )
+        self._write = tf.function(
+            self._write_all, experimental_attributes={"_noinline": True}
+        )
 
     @staticmethod
     def _variable(shape, dtype, name):
@@ -86,13 +93,6 @@ class _Held:
     # therefore go through functions that it does not inline, so that it
     # never sees an assignment next to a read.
     def read(self):
-        if not hasattr(self, "_read"):
-            self._read = tf.function(
-                self._read_all, experimental_attributes={"_noinline": True}
-            )
-            self._write = tf.function(
-                self._write_all, experimental_attributes={"_noinline": True}
-            )
         return self._read()
 
     def write(self, h, prediction, labels, sample_weight, valid):

@@ -107,6 +107,19 @@ def _build(method, depth, width, stages, sg_solver="auto"):
     return keras_dni.DNISequential(layers), dni
 
 
+def repeated_batch(batch_size):
+    """Seeds Keras and returns `(x, dataset)`: one random batch of the MLP's
+    inputs and labels, as an endless `tf.data.Dataset` of that batch."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.random((batch_size, INPUT_DIM), dtype=np.float32)
+    y = rng.integers(0, OUTPUT_DIM, batch_size)
+    return x, tf.data.Dataset.from_tensors((x, y)).repeat()
+
+
 def _maxrss_bytes():
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else 1024 * peak  # Linux: KiB
@@ -145,11 +158,7 @@ def measure(config):
     from keras_dni.benchmarks.runs import _StepTimer
 
     method, batch = config["method"], config["batch_size"]
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    x = rng.random((batch, INPUT_DIM), dtype=np.float32)
-    y = rng.integers(0, OUTPUT_DIM, batch)
-    dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+    x, dataset = repeated_batch(batch)
 
     model, dni = _build(method, config["depth"], config["width"], config["stages"])
     compile_kwargs = {}

@@ -49,16 +49,11 @@ def measure_throughput(config):
     import keras
 
     from keras_dni.benchmarks.runs import _StepTimer
-    from keras_dni.benchmarks.schedules_bench import INPUT_DIM
-    from keras_dni.benchmarks.schedules_bench import OUTPUT_DIM
     from keras_dni.benchmarks.schedules_bench import _build
+    from keras_dni.benchmarks.schedules_bench import repeated_batch
 
     batch = config["batch_size"]
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    x = rng.random((batch, INPUT_DIM), dtype=np.float32)
-    y = rng.integers(0, OUTPUT_DIM, batch)
-    dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+    _, dataset = repeated_batch(batch)
     model, _ = _build(
         "backprop" if method == "backprop" else "dni",
         config["depth"],
