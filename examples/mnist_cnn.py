@@ -70,7 +70,7 @@ def main(argv=None):
         "--sg-solver", choices=("auto", "least_squares", "gradient"), default="auto"
     )
     parser.add_argument(
-        "--sg-input-normalization", choices=("layer", "none"), default="layer"
+        "--sg-input-normalization", choices=("auto", "layer", "none"), default="auto"
     )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny budget, runs in seconds (for tests)"
@@ -82,7 +82,9 @@ def main(argv=None):
         "sg_batch_norm": args.sg_batch_norm,
         "sg_solver": args.sg_solver,
         "sg_input_normalization": (
-            None if args.sg_input_normalization == "none" else "layer"
+            None
+            if args.sg_input_normalization == "none"
+            else args.sg_input_normalization
         ),
     }
     (x, y), (xt, yt) = data.mnist5k(test_size=0.3)

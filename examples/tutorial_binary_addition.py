@@ -42,16 +42,18 @@ seconds.
 
 What to expect (60 epochs, 3 seeds, the default least-squares generators):
 backprop and cDNI learn the held-out sums with either activation (sigmoid:
-99.4 ± 0.7 and 99.9 ± 0.1 % of sums; ReLU: 100 % both). cDNI is not
-climbing at the end: every seed is at 99 % of sums or more from epoch 37 on
-with sigmoid units and from epoch 34 on with ReLU. Plain DNI, whose
-generators see only the layer's output, stays near chance with either
-activation (53.4 ± 4.4 % of bits with sigmoid units, 64.6 ± 0.9 % with
-ReLU; under 3 % of sums), as the tutorial found ("converging, but
-slowly"): the output error it must predict depends on the carries of the
-sum, which a linear function of a hidden layer does not give. With sigmoid
-units at Adam 3e-2 two seeds of three stay at 50 % of bits from the first
-epoch; at 1e-2 and 3e-3 seed 0 reached 59.7 % and 63.0 %.
+99.4 ± 0.7 and 99.9 ± 0.0 % of sums; ReLU: 100 % both). cDNI's mean curve
+passes 99 % of sums near epoch 28 with sigmoid units (backprop's near
+epoch 37) and near epoch 30 with ReLU (backprop's near epoch 16), with
+one-epoch dips later (near epoch 51 with sigmoid units, 44 with ReLU; see
+`learning_curves.png`). Plain DNI, whose generators see only the layer's
+output, stays near chance with either activation (53.4 ± 4.4 % of bits
+with sigmoid units, 64.6 ± 0.9 % with ReLU; under 3 % of sums), as the
+tutorial found ("converging, but slowly"): the output error it must
+predict depends on the carries of the sum, which a linear function of a
+hidden layer does not give. With sigmoid units at Adam 3e-2 two seeds of
+three stay at 50 % of bits from the first epoch; at 1e-2 and 3e-3 seed 0
+reached 59.7 % and 63.0 %.
 
 With the tutorial's own rule for the generators (`--sg-solver gradient`:
 one Adam 1e-3 step per batch), cDNI learns more slowly: with ReLU it still

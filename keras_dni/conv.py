@@ -49,9 +49,10 @@ class DNIConv2D(keras.layers.Conv2D):
             conditional layer; set automatically by `DNISequential`/`DNIModel`.
         bp_lambda: float in [0, 1], BP(lambda) mix of the incoming gradient
             into the gradient sent below (0: pure DNI, 1: backprop).
-        sg_input_normalization: `"layer"` (default) or `None`: whether the
-            gradient model sees the feature map standardised over the
-            channels, at each position (see `SyntheticGradient`).
+        sg_input_normalization: `"auto"` (default), `"layer"` or `None`:
+            whether the gradient model sees the feature map standardised
+            over the channels, at each position (`"auto"`: not for a
+            conditional least-squares model; see `SyntheticGradient`).
         sg_solver: `"auto"` (default), `"least_squares"` or `"gradient"`:
             how the gradient model is fitted (see `SyntheticGradient`'s
             `solver`).
@@ -110,7 +111,7 @@ class DNIConv2D(keras.layers.Conv2D):
         conditional=False,
         label_dim=None,
         bp_lambda=0.0,
-        sg_input_normalization="layer",
+        sg_input_normalization="auto",
         sg_solver="auto",
         sg_solver_decay=DEFAULT_SOLVER_DECAY,
         **kwargs,

@@ -37,9 +37,10 @@ class DNIDense(keras.layers.Dense):
             conditional layer; set automatically by `DNISequential`/`DNIModel`.
         bp_lambda: float in [0, 1], BP(lambda) mix of the incoming gradient
             into the gradient sent below (0: pure DNI, 1: backprop).
-        sg_input_normalization: `"layer"` (default) or `None`: whether the
-            gradient model sees its input standardised per example (see
-            `SyntheticGradient`).
+        sg_input_normalization: `"auto"` (default), `"layer"` or `None`:
+            whether the gradient model sees its input standardised per
+            example (`"auto"`: not for a conditional least-squares model;
+            see `SyntheticGradient`).
         sg_solver: `"auto"` (default), `"least_squares"` or `"gradient"`:
             how the gradient model is fitted (see `SyntheticGradient`'s
             `solver`).
@@ -90,7 +91,7 @@ class DNIDense(keras.layers.Dense):
         conditional=False,
         label_dim=None,
         bp_lambda=0.0,
-        sg_input_normalization="layer",
+        sg_input_normalization="auto",
         sg_solver="auto",
         sg_solver_decay=DEFAULT_SOLVER_DECAY,
         **kwargs,

@@ -33,7 +33,9 @@ def owned_synthetic_gradient(
         label_dim=label_dim,
         bp_lambda=bp_lambda,
         input_normalization=validation.check_choice(
-            "sg_input_normalization", sg_input_normalization, ("layer", None)
+            "sg_input_normalization",
+            sg_input_normalization,
+            ("auto", "layer", None),
         ),
         solver=validation.check_choice(
             "sg_solver", sg_solver, ("auto", "least_squares", "gradient")

@@ -182,13 +182,21 @@ class SyntheticGradient(keras.layers.Layer):
             `(1 - bp_lambda) * synthetic + bp_lambda * incoming`. 0 (default)
             is pure DNI, 1 is exact backprop. Held in a non-trainable
             variable (`layer.bp_lambda`) that callbacks can anneal.
-        input_normalization: `"layer"` (default) or `None`. With `"layer"`,
-            `M` sees `h` standardised over its features (channels), per
-            example and position, without parameters (a parameter-free
-            layer norm). It lets `M` keep up with the layer it serves as
-            `h` changes scale during training; without it, deep plain-DNI
-            networks trained with Adam can collapse towards chance
-            (measured with `keras_dni.benchmarks`).
+        input_normalization: `"auto"` (default), `"layer"` or `None`.
+            With `"layer"`, `M` sees `h` standardised over its features
+            (channels), per example and position, without parameters (a
+            parameter-free layer norm); with `None`, `h` as it is.
+            `"auto"`: `None` for a conditional `M` fitted by least squares,
+            `"layer"` otherwise. A conditional `M` predicts better from the
+            raw `h`, whose size and mean carry part of the gradient (how
+            confident the output is, which units above are open): cDNI
+            MLPs of 6-10 ReLU layers reach backprop's accuracy with it and
+            lose 2-17 points on normalised `h`. Plain DNI's `M` did better
+            on normalised `h` on most cells of the robustness grid, and an
+            `M` trained by an optimizer needs the normalisation to keep up
+            with `h` as `h` changes scale (without it, deep plain-DNI
+            networks trained with Adam collapsed towards chance). Measured
+            in `docs/depth.md`.
         kernel_size: int or `None`, the size of `M`'s same-padded
             `kernel_size x kernel_size` convolutions, for 4-D `h` only.
             `None` (default) gives 1 for a linear `M` (a 1x1 convolution,
@@ -265,7 +273,7 @@ class SyntheticGradient(keras.layers.Layer):
         conditional=False,
         label_dim=None,
         bp_lambda=0.0,
-        input_normalization="layer",
+        input_normalization="auto",
         kernel_size=None,
         data_format=None,
         solver="auto",
@@ -278,7 +286,7 @@ class SyntheticGradient(keras.layers.Layer):
         )
         self.solver_decay = validation.check_decay("solver_decay", solver_decay)
         self.input_normalization = validation.check_choice(
-            "input_normalization", input_normalization, ("layer", None)
+            "input_normalization", input_normalization, ("auto", "layer", None)
         )
         self.hidden_units = validation.check_hidden_units("hidden_units", hidden_units)
         if self.solver == "least_squares" and self.hidden_units:
@@ -370,6 +378,12 @@ class SyntheticGradient(keras.layers.Layer):
             self._model_layers.append(layer)
             width = units
         self._least_squares = self._resolve_solver()
+        # Resolved with the solver: raw `h` for a conditional least-squares
+        # `M` (docs/depth.md).
+        self._normalize_inputs = self.input_normalization == "layer" or (
+            self.input_normalization == "auto"
+            and not (self._least_squares and self.conditional)
+        )
         if self._least_squares:
             # Fitted in closed form (`_solve`), not by an optimizer.
             self._input_dense.trainable = False
@@ -480,7 +494,7 @@ class SyntheticGradient(keras.layers.Layer):
         x = tf.cast(inputs, tf.float32)
         if self._channels_first():
             x = tf.transpose(x, [0, 2, 3, 1])
-        if self.input_normalization == "layer":
+        if self._normalize_inputs:
             # Over the channels (features), per example and per position
             # (time step, pixel): the same rule for every rank, which matches
             # the per-position 1x1 default of 4-D h. For 4-D h we also tried

@@ -141,6 +141,17 @@ def test_smoke_mlp_tasks(task, tmp_path):
     for record in records:
         assert len(record["metrics"]["curve"]) == 1
         assert 0.0 <= record["metrics"]["curve"][0] <= 1.0
+        assert record["config"]["sg_input_normalization"] == "auto"
+
+
+@pytest.mark.parametrize("value, expected", [("layer", "layer"), ("none", None)])
+def test_mlp_sg_input_normalization_option(value, expected, tmp_path):
+    out = str(tmp_path)
+    argv = ["digits", "--small", "--seeds", "1", "--epochs", "1", "--methods", "cdni"]
+    argv += ["--sg-input-normalization", value, "--out", out]
+    assert cli.main(argv) == 0
+    (record,) = _check_records(out, "digits", ["cdni"])
+    assert record["config"]["sg_input_normalization"] == expected
 
 
 def test_smoke_cnn(tmp_path):

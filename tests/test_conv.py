@@ -317,15 +317,20 @@ def test_rank4_channels_first():
     _cut_and_gradient(layer, x, lambda sg: _randomize(sg._input_dense, seed=5), hand)
 
 
-def test_rank4_conditional_labels_broadcast_over_positions():
+@pytest.mark.parametrize("normalization", ["auto", "layer"])
+def test_rank4_conditional_labels_broadcast_over_positions(normalization):
     h = np.random.default_rng(0).normal(size=(3, 4, 4, 2)).astype("float32")
     labels = np.array([0, 2, 1])
-    layer = keras_dni.SyntheticGradient(conditional=True, label_dim=3)
+    layer = keras_dni.SyntheticGradient(
+        conditional=True, label_dim=3, input_normalization=normalization
+    )
     layer.build(h.shape)
     k, b = _randomize(layer._input_dense, seed=6)
     (label_kernel,) = _randomize(layer._label_projection, seed=7)
+    # "auto": a conditional least-squares M sees the raw h.
+    features = _image_norm(h) if normalization == "layer" else h
     expected = (
-        _conv_same(_image_norm(h), k, b)
+        _conv_same(features, k, b)
         + (np.eye(3)[labels] @ label_kernel)[:, None, None, :]
     )
     np.testing.assert_allclose(

@@ -87,6 +87,24 @@ def test_grid_cells_cover_the_axes():
     assert sum(c["held_out"] for c in cells) >= 3
 
 
+def test_depth_cells_are_the_depth_targets():
+    # Issue 13's depth targets: every combination, main-grid cells reused.
+    combos = {
+        (c["task"], c["depth"], c["width"], c["batch_size"]) for c in grid.DEPTH_CELLS
+    }
+    assert combos == {
+        (task, depth, width, batch)
+        for task in ("digits", "mnist5k")
+        for depth in (6, 10)
+        for width in (128, 256)
+        for batch in (64, 128)
+    }
+    main = {c["name"]: c for c in grid.CELLS}
+    for cell in grid.DEPTH_CELLS:
+        assert cell["activation"] == "relu"
+        assert cell == main.get(cell["name"], {**cell, "held_out": True})
+
+
 def test_depth_probe_reports_per_layer_cosines(capsys):
     depth_probe.main(
         [

@@ -27,7 +27,6 @@ from test_schedules import Reference
 from test_schedules import _assert_matches
 from test_schedules import _compile
 from test_schedules import _data
-from test_schedules import _layer_norm
 from test_schedules import _model
 from test_schedules import _Recorder
 from test_schedules import _snapshot
@@ -64,7 +63,7 @@ class PipelinedReference(Reference):
         with tf.GradientTape() as tape:
             tape.watch([c["w1"], c["b1"]])
             h1 = tf.tanh(x @ c["w1"] + c["b1"])
-        p1 = _layer_norm(h1) @ c["k1"] + c["c1"]
+        p1 = self._inputs(1, h1) @ c["k1"] + c["c1"]
         grads = tape.gradient(h1, [c["w1"], c["b1"]], output_gradients=p1 / B)
         updates.append((NETWORK[1], grads, LR, masks[0]))
         new_held2 = None
@@ -73,7 +72,7 @@ class PipelinedReference(Reference):
             with tf.GradientTape() as tape:
                 tape.watch([c["w2"], c["b2"], h1_old])
                 h2 = tf.tanh(h1_old @ c["w2"] + c["b2"])
-            p2 = _layer_norm(h2) @ c["k2"] + c["c2"] + labels1 @ c["l2"]
+            p2 = self._inputs(2, h2) @ c["k2"] + c["c2"] + labels1 @ c["l2"]
             *grads, dh1 = tape.gradient(
                 h2, [c["w2"], c["b2"], h1_old], output_gradients=p2 / B
             )

@@ -133,7 +133,8 @@ class Reference:
     With `solver="least_squares"` M is not trained by Adam: where it would
     be, it becomes the ridge regression of its target on [layer_norm(h),
     one-hot labels (M2), 1] over exponentially weighted batch moments
-    (decay `1 - rows / (2 * regressors)`, clipped to [0.5, 0.999]).
+    (decay `1 - rows / (2 * regressors)`, clipped to [0.5, 0.999]); the
+    conditional M2 then sees the raw h2 (`input_normalization="auto"`).
     """
 
     def __init__(self, params, solver="gradient"):
@@ -143,6 +144,12 @@ class Reference:
         self.t = 0
         self.solver = solver
         self.moments = {1: (0.0, 0.0), 2: (0.0, 0.0)}
+
+    def _inputs(self, stage, h):
+        """M's input: layer-normalised, but raw for the least-squares M2."""
+        if stage == 2 and self.solver == "least_squares":
+            return h
+        return _layer_norm(h)
 
     def _adam(self, key, grad, lr):
         grad = np.asarray(grad, np.float64)
@@ -172,7 +179,7 @@ class Reference:
         """Least squares: refits M of `stage` on one more batch."""
         if not on:
             return
-        parts = [_layer_norm(h)] + ([labels] if labels is not None else [])
+        parts = [self._inputs(stage, h)] + ([labels] if labels is not None else [])
         z = np.concatenate([np.asarray(t) for t in parts] + [np.ones((B, 1))], 1)
         rows, dim = z.shape
         decay = np.clip(1.0 - rows / (2.0 * dim), 0.5, 0.999)
@@ -202,14 +209,14 @@ class Reference:
         with tf.GradientTape() as tape:
             tape.watch([c["w1"], c["b1"]])
             h1 = tf.tanh(x @ c["w1"] + c["b1"])
-        p1 = _layer_norm(h1) @ c["k1"] + c["c1"]
+        p1 = self._inputs(1, h1) @ c["k1"] + c["c1"]
         grads = tape.gradient(h1, [c["w1"], c["b1"]], output_gradients=p1 / B)
         self._update(NETWORK[1], grads, LR, masks[0])
         # Stage 2: on the h1 stage 1 produced; update from M2(h2, y).
         with tf.GradientTape() as tape:
             tape.watch([c["w2"], c["b2"], h1])
             h2 = tf.tanh(h1 @ c["w2"] + c["b2"])
-        p2 = _layer_norm(h2) @ c["k2"] + c["c2"] + onehot @ c["l2"]
+        p2 = self._inputs(2, h2) @ c["k2"] + c["c2"] + onehot @ c["l2"]
         *grads, dh1 = tape.gradient(h2, [c["w2"], c["b2"], h1], output_gradients=p2 / B)
         self._update(NETWORK[2], grads, LR, masks[1])
         self._train_gradient_model(1, h1, dh1 * B, None, masks[0])

@@ -1,8 +1,9 @@
 """The least-squares gradient model (`solver`), against numpy.
 
 The reference re-implements the solver from its definition: `M` is the
-ridge regression of the per-example gradient at `h` on `[layer-normalised
-h, one-hot labels, 1]`, over exponentially weighted batch moments.
+ridge regression of the per-example gradient at `h` on `[h, one-hot
+labels, 1]` (`h` layer-normalised where `input_normalization` says so), over
+exponentially weighted batch moments.
 """
 
 import keras
@@ -31,10 +32,11 @@ def _data(steps, seed=0):
     return x, y
 
 
-def _model(cls, decay, conditional):
+def _model(cls, decay, conditional, normalization="auto"):
     keras.utils.set_random_seed(1)
     sg = keras_dni.SyntheticGradient(
         conditional=conditional,
+        input_normalization=normalization,
         label_dim=CLASSES if conditional else None,
         solver="least_squares",
         solver_decay=decay,
@@ -54,7 +56,7 @@ def _model(cls, decay, conditional):
     return model, sg
 
 
-def _reference(model, x, y, decay, conditional):
+def _reference(model, x, y, decay, conditional, normalize=False):
     """`M`'s weights after one pass over `(x, y)` in batches, by numpy."""
     below, above = model.get_layer("below"), model.get_layer("above")
     gram = cross = 0.0
@@ -67,7 +69,7 @@ def _reference(model, x, y, decay, conditional):
                 keras.losses.sparse_categorical_crossentropy(yb, above(h))
             )
         target = tape.gradient(loss, h).numpy() * len(xb)  # per example
-        parts = [_layer_norm(h.numpy())]
+        parts = [_layer_norm(h.numpy()) if normalize else h.numpy()]
         if conditional:
             parts.append(np.eye(CLASSES)[yb])
         parts.append(np.ones((len(xb), 1)))
@@ -94,18 +96,34 @@ def _weights(sg):
 
 
 @pytest.mark.parametrize(
-    "cls, decay, conditional",
+    "cls, decay, conditional, normalization",
     [
-        (keras.Sequential, 0.7, False),  # stock train_step: fitted in backward
-        (keras_dni.DNISequential, 0.7, False),  # fitted by the DNI train_step
-        (keras_dni.DNISequential, "auto", True),  # cDNI, per-batch labels
+        # stock train_step: fitted in the backward pass
+        (keras.Sequential, 0.7, False, "auto"),
+        # fitted by the DNI train_step
+        (keras_dni.DNISequential, 0.7, False, "auto"),
+        # cDNI, per-batch labels
+        (keras_dni.DNISequential, "auto", True, "auto"),
+        # cDNI on layer-normalised h, plain DNI on raw h
+        (keras_dni.DNISequential, 0.7, True, "layer"),
+        (keras_dni.DNISequential, 0.7, False, None),
     ],
 )
-def test_least_squares_matches_numpy_ridge_regression(cls, decay, conditional):
+def test_least_squares_matches_numpy_ridge_regression(
+    cls, decay, conditional, normalization
+):
     x, y = _data(steps=3)
-    model, sg = _model(cls, decay, conditional)
+    model, sg = _model(cls, decay, conditional, normalization)
     model.build((None, 4))
-    expected = _reference(model, x, y, decay, conditional)
+    expected = _reference(
+        model,
+        x,
+        y,
+        decay,
+        conditional,
+        normalize=normalization == "layer"
+        or (normalization == "auto" and not conditional),
+    )
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     np.testing.assert_allclose(_weights(sg), expected, rtol=2e-3, atol=2e-5)
 
@@ -115,9 +133,7 @@ def test_least_squares_prediction_is_the_fitted_linear_map():
     model, sg = _model(keras_dni.DNISequential, 0.5, True)
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     h = model.get_layer("below")(x[:BATCH]).numpy()
-    z = np.concatenate(
-        [_layer_norm(h), np.eye(CLASSES)[y[:BATCH]], np.ones((BATCH, 1))], axis=1
-    )
+    z = np.concatenate([h, np.eye(CLASSES)[y[:BATCH]], np.ones((BATCH, 1))], axis=1)
     np.testing.assert_allclose(
         sg.predict_gradient(h, y[:BATCH]).numpy(),
         z @ _weights(sg),
@@ -154,6 +170,36 @@ def test_auto_solver():
     gradient = keras_dni.SyntheticGradient(solver="gradient")
     gradient.build((None, 8))
     assert not gradient.least_squares
+
+
+@pytest.mark.parametrize(
+    "kwargs, normalized",
+    [
+        ({"conditional": True}, False),  # cDNI, least squares: raw h
+        ({}, True),  # plain DNI, least squares
+        ({"conditional": True, "solver": "gradient"}, True),  # by an optimizer
+        ({"conditional": True, "input_normalization": "layer"}, True),
+        ({"solver": "gradient", "input_normalization": None}, False),
+    ],
+)
+def test_auto_input_normalization(kwargs, normalized):
+    sg = keras_dni.SyntheticGradient(label_dim=CLASSES, **kwargs)
+    sg.build((None, WIDTH))
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(WIDTH, WIDTH)).astype("float32")
+    bias = rng.normal(size=(WIDTH,)).astype("float32")
+    sg._input_dense.kernel.assign(kernel)
+    sg._input_dense.bias.assign(bias)
+    h = rng.normal(loc=2.0, scale=3.0, size=(5, WIDTH)).astype("float32")
+    labels = np.arange(5) % CLASSES
+    expected = (_layer_norm(h) if normalized else h) @ kernel + bias
+    if sg.conditional:
+        projection = rng.normal(size=(CLASSES, WIDTH)).astype("float32")
+        sg._label_projection.kernel.assign(projection)
+        expected += np.eye(CLASSES)[labels] @ projection
+    np.testing.assert_allclose(
+        sg.predict_gradient(h, labels).numpy(), expected, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_recurrent_gradient_model_keeps_the_optimizer():

@@ -18,7 +18,8 @@ Tasks:
   with one decoupling point after the first hidden layer (`dni-bottom`) on
   MLPs of other data sets, depths, widths, activations and batch sizes, at
   budgets where backprop has converged; a table of gaps to backprop and a
-  heat map (`grid.png`). `--jobs N` as for `copy`; `--cells` picks cells.
+  heat map (`grid.png`). `--jobs N` as for `copy`; `--cells` picks cells
+  (`--cells depth`: the depth sweep, 6 and 10 layers).
 - `timing`: training-step time of DNI and cDNI relative to backprop for
   784-w-w-10 MLPs of growing width `w`, batch 128, measured alternately in one
   process (median of repeats).
@@ -227,7 +228,8 @@ def make_parser():
     parser.add_argument(
         "--cells",
         default=None,
-        help="grid: comma-separated cell names (default: every cell)",
+        help="grid: comma-separated cell names (default: every cell), or "
+        "`depth` for the depth sweep (`grid.DEPTH_CELLS`)",
     )
     parser.add_argument(
         "--batch-size", type=int, default=32, help="copy: sequences per step"
@@ -246,9 +248,11 @@ def make_parser():
     )
     parser.add_argument(
         "--sg-input-normalization",
-        default="none",
-        choices=["layer", "none"],
-        help="copy: normalization of M's input (default none)",
+        default=None,
+        choices=["auto", "layer", "none"],
+        help="the gradient models' input normalisation (default: the layers' "
+        "default, `auto` for the MLP and CNN tasks, none for the recurrent "
+        "tasks)",
     )
     parser.add_argument(
         "--batch-sizes",

@@ -62,6 +62,12 @@ def make_parser():
         help="Adam learning rate of `sg_optimizer` (solver 'gradient')",
     )
     parser.add_argument(
+        "--sg-input-normalization",
+        default="auto",
+        choices=["auto", "layer", "none"],
+        help="the gradient models' `sg_input_normalization`",
+    )
+    parser.add_argument(
         "--batch-norm",
         action="store_true",
         help="batch normalisation after every hidden Dense (before the "
@@ -78,6 +84,8 @@ def build(args, input_dim):
 
     layers = [keras.Input((input_dim,))]
     dni = args.method != "backprop"
+    normalization = args.sg_input_normalization
+    normalization = None if normalization == "none" else normalization
     for i in range(args.depth):
         name = f"hidden_{i}"
         if args.batch_norm:
@@ -92,6 +100,7 @@ def build(args, input_dim):
                         conditional=args.method == "cdni",
                         solver=args.solver,
                         solver_decay=args.solver_decay,
+                        input_normalization=normalization,
                         name=name,
                     )
                 )
@@ -103,6 +112,7 @@ def build(args, input_dim):
                     conditional=args.method == "cdni",
                     sg_solver=args.solver,
                     sg_solver_decay=args.solver_decay,
+                    sg_input_normalization=normalization,
                     name=name,
                 )
             )

@@ -12,7 +12,11 @@ The methods: `backprop`; `dni` and `cdni` with every hidden layer a
 `DNIDense` (library defaults: the gradient models fitted by least squares);
 `dni-gradient` and `cdni-gradient`, the same with `sg_solver="gradient"`
 (the gradient models trained by `sg_optimizer=Adam(1e-3)`, the default
-before least squares); `dni-bottom`, plain DNI with one decoupling point
+before least squares); `dni-raw`, plain DNI with `M` on the raw `h`
+(`sg_input_normalization=None`; the default normalises it), and
+`cdni-layernorm`, cDNI with `M` on layer-normalised `h`
+(`sg_input_normalization="layer"`, the default before `"auto"`);
+`dni-bottom`, plain DNI with one decoupling point
 only, after the first hidden layer (where to decouple:
 `apply_dni(model, layers=...)`).
 
@@ -35,6 +39,8 @@ GRID_METHODS = (
     "dni-gradient",
     "cdni-gradient",
     "dni-bottom",
+    "dni-raw",
+    "cdni-layernorm",
 )
 # Grid method -> (bench method, hidden layers that are DNI layers or None for
 # all, extra DNIDense arguments).
@@ -45,6 +51,8 @@ _METHOD_SETUP = {
     "dni-gradient": ("dni", None, {"sg_solver": "gradient"}),
     "cdni-gradient": ("cdni", None, {"sg_solver": "gradient"}),
     "dni-bottom": ("dni", [0], {}),
+    "dni-raw": ("dni", None, {"sg_input_normalization": None}),
+    "cdni-layernorm": ("cdni", None, {"sg_input_normalization": "layer"}),
 }
 
 
@@ -78,6 +86,21 @@ CELLS = (
     _cell("mnist1d", 3, 256, "relu", 64, 60),
     _cell("mnist1d", 6, 128, "tanh", 128, 60, held_out=True),
     _cell("binary-addition", 2, 128, "relu", 64, 120),
+)
+_MAIN = {cell["name"]: cell for cell in CELLS}
+# The depth sweep (`--cells depth`): issue 13's depth targets, digits and the
+# MNIST subset at 6 and 10 ReLU layers of 128 and 256, batch 64 and 128, at
+# the main grid's budgets. Cells of the main grid are reused as they are;
+# the others were not used to choose any default (held out).
+DEPTH_CELLS = tuple(
+    _MAIN.get(
+        f"{task}-{depth}x{width}-relu-b{batch}",
+        _cell(task, depth, width, "relu", batch, epochs, held_out=True),
+    )
+    for task, epochs in (("digits", 60), ("mnist5k", 40))
+    for depth in (6, 10)
+    for width in (128, 256)
+    for batch in (64, 128)
 )
 SMALL_CELLS = (
     _cell("digits", 3, 16, "relu", 64, 2),
@@ -316,16 +339,18 @@ def grid_runs(task, args, methods):
     """The CLI's runner of `grid` (`--small`: two tiny cells)."""
     del task
     cells = SMALL_CELLS if args.small else CELLS
-    if args.cells:
+    if args.cells == "depth":
+        cells = DEPTH_CELLS
+    elif args.cells:
         wanted = [c.strip() for c in args.cells.split(",") if c.strip()]
-        names = [c["name"] for c in cells]
-        unknown = [c for c in wanted if c not in names]
+        known = {c["name"]: c for c in cells + (() if args.small else DEPTH_CELLS)}
+        unknown = [c for c in wanted if c not in known]
         if unknown:
             raise ValueError(
-                f"Received an invalid value for `--cells`, expected names "
-                f"among {names}. Received: {unknown}"
+                f"Received an invalid value for `--cells`, expected `depth` or "
+                f"names among {list(known)}. Received: {unknown}"
             )
-        cells = tuple(c for c in cells if c["name"] in wanted)
+        cells = tuple(known[name] for name in dict.fromkeys(wanted))
     if args.epochs is not None:
         cells = tuple({**c, "epochs": args.epochs} for c in cells)
     start = time.time()

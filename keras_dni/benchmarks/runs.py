@@ -36,10 +36,11 @@ def run_mlp(
     sg_solver="auto",
     schedule="locked",
     update_probability=1.0,
+    sg_input_normalization="auto",
 ):
     """Trains one model; returns a results record.
 
-    `sg_solver` is the DNI layers' `sg_solver`; `schedule` and
+    `sg_solver` and `sg_input_normalization` are the DNI layers'; `schedule` and
     `update_probability` go to the DNI models' `compile` (backprop ignores
     them).
 
@@ -67,16 +68,15 @@ def run_mlp(
         out, act, loss = y.shape[1], "sigmoid", "binary_crossentropy"
     else:
         out, act, loss = 10, "softmax", "sparse_categorical_crossentropy"
+    dni_kwargs = {
+        "sg_solver": sg_solver,
+        "sg_input_normalization": sg_input_normalization,
+    }
     if arch == "cnn":
-        model = build_cnn(method, x.shape[1], out, {"sg_solver": sg_solver})
+        model = build_cnn(method, x.shape[1], out, dni_kwargs)
     else:
         model = build_mlp(
-            method,
-            x.shape[1],
-            out,
-            act,
-            dni_layers=dni_layers,
-            dni_kwargs={"sg_solver": sg_solver},
+            method, x.shape[1], out, act, dni_layers=dni_layers, dni_kwargs=dni_kwargs
         )
     dni = method != "backprop"
     schedule_kwargs = (
@@ -112,6 +112,7 @@ def run_mlp(
             "dni_layers": None if dni_layers is None else sorted(dni_layers),
             "optimizer": "adam(1e-3)",
             "sg_solver": sg_solver,
+            "sg_input_normalization": sg_input_normalization,
             "schedule": schedule if dni else "locked",
             "update_probability": update_probability if dni else 1.0,
             "train_size": len(x),
@@ -290,7 +291,8 @@ def run_copy(args, methods):
 
     truncations = sorted({int(t) for t in args.truncations.split(",")})
     steps = args.steps or (20 if args.small else 3000)
-    norm = None if args.sg_input_normalization == "none" else "layer"
+    # `DNIRNN`'s default (and `auto`): no normalisation.
+    norm = "layer" if args.sg_input_normalization == "layer" else None
     jobs = [
         {
             "truncation": t,
@@ -371,6 +373,11 @@ def run_copy(args, methods):
 
 
 # ---------------------------------------------------------------- CLI runners
+def _normalization(value):
+    """The `sg_input_normalization` of a CLI value (unset: the default)."""
+    return {None: "auto", "none": None}.get(value, value)
+
+
 def mlp_runs(task, args, methods):
     """The CLI's runner of an MLP task: `run_mlp` per method and seed."""
     epochs = args.epochs or (2 if args.small else 30)
@@ -388,6 +395,7 @@ def mlp_runs(task, args, methods):
                 sg_solver=args.sg_solver,
                 schedule=args.schedule,
                 update_probability=args.update_probability,
+                sg_input_normalization=_normalization(args.sg_input_normalization),
             )
             records.append(record)
             m = record["metrics"]
