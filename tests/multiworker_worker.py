@@ -5,10 +5,12 @@ Usage: ``python tests/multiworker_worker.py OUT_DIR``
 With `TF_CONFIG` set, the process is one worker of a
 `tf.distribute.MultiWorkerMirroredStrategy` cluster; without it, it trains
 the single-process reference under the default strategy. Either way it
-trains a DNI and a cDNI `DNISequential` MLP from the same initial weights on
-the same global batches, evaluates the cDNI one, and writes ``<name>.npz`` to
-OUT_DIR (``single``, or ``worker<index>``): initial and final weights, the
-`fit` history of each model, the `evaluate` loss, and which weights belong
+trains a DNI and two cDNI `DNISequential` MLPs (the conditional `M` on
+layer-normalised and on raw `h`, the default) from the same initial weights
+on the same global batches, evaluates the last one, and writes
+``<name>.npz`` to OUT_DIR (``single``, or ``worker<index>``): initial and
+final weights, the `fit` history of each model, the `evaluate` loss, each
+gradient model's prediction on the training data, and which weights belong
 to a least-squares gradient model (``<variant>/least_squares``).
 
 Each worker reads the whole dataset, batched by the global batch; with the
@@ -43,7 +45,8 @@ keras.config.disable_traceback_filtering()
 
 D_IN, UNITS, CLASSES = 8, 16, 3
 EXAMPLES, GLOBAL_BATCH, EPOCHS = 64, 16, 2
-VARIANTS = {"dni": False, "cdni": True}
+# variant -> (conditional, sg_input_normalization of the conditional layer)
+VARIANTS = {"dni": (False, "auto"), "cdni": (True, "layer"), "cdni-raw": (True, "auto")}
 
 
 def data():
@@ -63,7 +66,7 @@ def dataset(x, y):
     return ds.with_options(options)
 
 
-def build(conditional, seed):
+def build(conditional, normalization, seed):
     """The MLP, compiled, with random trainable weights.
 
     `M` starts at zero by default; random weights make the synthetic
@@ -75,17 +78,11 @@ def build(conditional, seed):
         [
             keras.Input((D_IN,)),
             keras_dni.DNIDense(UNITS, activation="relu", name="d1"),
-            # Layer-normalised h for the conditional M too (by default it
-            # sees the raw h): the raw h's Gram matrix is worse conditioned,
-            # so the solve amplifies the float rounding of the two reduction
-            # orders compared here past `LEAST_SQUARES_RTOL` (0.37 % of the
-            # largest entry measured, against 0.2 %); the distributed code
-            # under test is the same for both inputs.
             keras_dni.DNIDense(
                 UNITS,
                 activation="relu",
                 conditional=conditional,
-                sg_input_normalization="layer",
+                sg_input_normalization=normalization,
                 name="d2",
             ),
             keras.layers.Dense(CLASSES, activation="softmax", name="out"),
@@ -122,9 +119,9 @@ def main(out_dir):
         # workarounds are active only then).
         "multi_worker": np.asarray(keras_dni.models._is_multi_worker(STRATEGY)),
     }
-    for seed, (variant, conditional) in enumerate(VARIANTS.items()):
+    for seed, (variant, (conditional, normalization)) in enumerate(VARIANTS.items()):
         with STRATEGY.scope():
-            model = build(conditional, seed)
+            model = build(conditional, normalization, seed)
         for i, weight in enumerate(model.get_weights()):
             results[f"{variant}/initial_{i}"] = weight
         history = model.fit(dataset(x, y), epochs=EPOCHS, verbose=0).history
@@ -135,8 +132,16 @@ def main(out_dir):
         )
         for key, values in history.items():
             results[f"{variant}/history/{key}"] = np.asarray(values, "float64")
+        # Each gradient model's prediction on the training data.
+        h = x
+        for name in ("d1", "d2"):
+            layer = model.get_layer(name)
+            h = layer(h)
+            results[f"{variant}/prediction/{name}"] = np.asarray(
+                layer.synthetic_gradient.predict_gradient(h, y)
+            )
     # `evaluate` (its `test_step`) across workers, once: tracing is the cost.
-    results["cdni/evaluate_loss"] = np.asarray(
+    results[f"{variant}/evaluate_loss"] = np.asarray(
         model.evaluate(dataset(x, y), verbose=0), "float64"
     )
     np.savez(os.path.join(out_dir, NAME + ".npz"), **results)

@@ -21,6 +21,7 @@ WORKER = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "multiworker_worker.py"
 )
 NUM_WORKERS = 2
+VARIANTS = ("dni", "cdni", "cdni-raw")
 # For all three processes together; a run takes well under a minute.
 TIMEOUT_S = 300
 # Float reduction order only: the all-reduce adds two half-batch gradients
@@ -102,12 +103,12 @@ def test_multi_worker_training_matches_single_process(tmp_path):
     assert not single["multi_worker"]
     assert chief["multi_worker"] and other["multi_worker"]
     assert set(single) == set(chief) == set(other)
-    for variant in ("dni", "cdni"):
+    for variant in VARIANTS:
         logged = {k.split("/")[-1] for k in single if k.startswith(f"{variant}/hist")}
         assert {"loss", "sg_loss", "sg_loss_d1", "sg_loss_d2"} <= logged
-    assert "cdni/evaluate_loss" in single
+    assert "cdni-raw/evaluate_loss" in single
 
-    for variant in ("dni", "cdni"):
+    for variant in VARIANTS:
         assert single[f"{variant}/least_squares"].any()
     for key in sorted(set(single) - {"replicas", "multi_worker"}):
         # The workers hold the same mirrored weights and reduced logs...
@@ -117,8 +118,20 @@ def test_multi_worker_training_matches_single_process(tmp_path):
         if name.startswith("weight_"):
             solved = single[f"{variant}/least_squares"][int(name[len("weight_") :])]
             if solved:
-                assert_solution_close(chief[key], single[key], err_msg=key)
+                if variant != "cdni-raw":
+                    assert_solution_close(chief[key], single[key], err_msg=key)
+                # On the raw h (cDNI's default) the Gram matrix is worse
+                # conditioned: the solve turns the reduction-order rounding
+                # into weight differences up to 0.4 % of the largest entry
+                # (measured) along directions the data hardly excites. What
+                # M computes, its prediction on the data
+                # (`<variant>/prediction/*`), is compared below, for every
+                # variant.
                 continue
+        if name.startswith("prediction/"):
+            # Computed from the solved weights: their tolerance.
+            assert_solution_close(chief[key], single[key], err_msg=key)
+            continue
         np.testing.assert_allclose(
             chief[key], single[key], rtol=RTOL, atol=ATOL, err_msg=key
         )
@@ -130,7 +143,7 @@ def test_multi_worker_training_matches_single_process(tmp_path):
             initial = single[key.replace("/weight_", "/initial_")]
             assert np.abs(single[key] - initial).max() > 1e-3, key
 
-    for variant in ("dni", "cdni"):
+    for variant in VARIANTS:
         for what in ("weight_", "history/sg_loss", "history/loss"):
             prefix = f"{variant}/{what}"
             diff = max(
