@@ -81,11 +81,11 @@ def build(args, input_dim):
     import keras
 
     import keras_dni
+    from keras_dni.benchmarks import runs
 
     layers = [keras.Input((input_dim,))]
     dni = args.method != "backprop"
-    normalization = args.sg_input_normalization
-    normalization = None if normalization == "none" else normalization
+    normalization = runs.sg_input_normalization(args.sg_input_normalization)
     for i in range(args.depth):
         name = f"hidden_{i}"
         if args.batch_norm:

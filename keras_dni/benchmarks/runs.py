@@ -373,8 +373,8 @@ def run_copy(args, methods):
 
 
 # ---------------------------------------------------------------- CLI runners
-def _normalization(value):
-    """The `sg_input_normalization` of a CLI value (unset: the default)."""
+def sg_input_normalization(value):
+    """The `sg_input_normalization` of a CLI value (unset: `"auto"`)."""
     return {None: "auto", "none": None}.get(value, value)
 
 
@@ -395,7 +395,9 @@ def mlp_runs(task, args, methods):
                 sg_solver=args.sg_solver,
                 schedule=args.schedule,
                 update_probability=args.update_probability,
-                sg_input_normalization=_normalization(args.sg_input_normalization),
+                sg_input_normalization=sg_input_normalization(
+                    args.sg_input_normalization
+                ),
             )
             records.append(record)
             m = record["metrics"]
