@@ -6,6 +6,7 @@ from keras_dni import validation
 from keras_dni.owned import owned_config
 from keras_dni.owned import owned_synthetic_gradient
 from keras_dni.synthetic_gradient import DEFAULT_SOLVER_DECAY
+from keras_dni.synthetic_gradient import SOLVER_RIDGE
 
 
 @keras.saving.register_keras_serializable(package="keras_dni")
@@ -58,6 +59,8 @@ class DNIConv2D(keras.layers.Conv2D):
             `solver`).
         sg_solver_decay: float in [0, 1), the least-squares solver's decay
             of past batches (see `SyntheticGradient`'s `solver_decay`).
+        sg_solver_ridge: positive float, the least-squares solver's ridge
+            (see `SyntheticGradient`'s `solver_ridge`).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -114,6 +117,7 @@ class DNIConv2D(keras.layers.Conv2D):
         sg_input_normalization="auto",
         sg_solver="auto",
         sg_solver_decay=DEFAULT_SOLVER_DECAY,
+        sg_solver_ridge=SOLVER_RIDGE,
         **kwargs,
     ):
         super().__init__(
@@ -145,6 +149,7 @@ class DNIConv2D(keras.layers.Conv2D):
             sg_input_normalization,
             sg_solver,
             sg_solver_decay,
+            sg_solver_ridge,
             kernel_size=validation.check_optional_positive_int(
                 "sg_kernel_size", sg_kernel_size
             ),

@@ -29,6 +29,7 @@ _DNI_ARGS = {
     "sg_input_normalization",
     "sg_solver",
     "sg_solver_decay",
+    "sg_solver_ridge",
 }
 _CONV_ONLY_ARGS = {"sg_kernel_size"}
 
@@ -65,8 +66,8 @@ def apply_dni(model, layers=None, every=None, **dni_kwargs):
             subset, `docs/results.md`).
         **dni_kwargs: arguments for the DNI layers: `sg_hidden_units`,
             `sg_batch_norm`, `conditional`, `label_dim`, `bp_lambda`,
-            `sg_input_normalization`, `sg_solver`, `sg_solver_decay`, and
-            `sg_kernel_size` (used by
+            `sg_input_normalization`, `sg_solver`, `sg_solver_decay`,
+            `sg_solver_ridge`, and `sg_kernel_size` (used by
             `DNIConv2D` only).
 
     Returns:

@@ -5,6 +5,7 @@ import keras
 from keras_dni.owned import owned_config
 from keras_dni.owned import owned_synthetic_gradient
 from keras_dni.synthetic_gradient import DEFAULT_SOLVER_DECAY
+from keras_dni.synthetic_gradient import SOLVER_RIDGE
 
 
 @keras.saving.register_keras_serializable(package="keras_dni")
@@ -46,6 +47,8 @@ class DNIDense(keras.layers.Dense):
             `solver`).
         sg_solver_decay: float in [0, 1), the least-squares solver's decay
             of past batches (see `SyntheticGradient`'s `solver_decay`).
+        sg_solver_ridge: positive float, the least-squares solver's ridge
+            (see `SyntheticGradient`'s `solver_ridge`).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -94,6 +97,7 @@ class DNIDense(keras.layers.Dense):
         sg_input_normalization="auto",
         sg_solver="auto",
         sg_solver_decay=DEFAULT_SOLVER_DECAY,
+        sg_solver_ridge=SOLVER_RIDGE,
         **kwargs,
     ):
         super().__init__(
@@ -122,6 +126,7 @@ class DNIDense(keras.layers.Dense):
             sg_input_normalization,
             sg_solver,
             sg_solver_decay,
+            sg_solver_ridge,
         )
 
     def build(self, input_shape):

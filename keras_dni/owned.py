@@ -6,6 +6,7 @@ and serialised the same way.
 
 from keras_dni import validation
 from keras_dni.synthetic_gradient import DEFAULT_SOLVER_DECAY
+from keras_dni.synthetic_gradient import SOLVER_RIDGE
 from keras_dni.synthetic_gradient import SyntheticGradient
 
 
@@ -19,6 +20,7 @@ def owned_synthetic_gradient(
     sg_input_normalization,
     sg_solver="auto",
     sg_solver_decay=DEFAULT_SOLVER_DECAY,
+    sg_solver_ridge=SOLVER_RIDGE,
     **extra,
 ):
     """Creates the `SyntheticGradient` child of DNI layer `owner`.
@@ -41,6 +43,7 @@ def owned_synthetic_gradient(
             "sg_solver", sg_solver, ("auto", "least_squares", "gradient")
         ),
         solver_decay=validation.check_decay("sg_solver_decay", sg_solver_decay),
+        solver_ridge=validation.check_positive("sg_solver_ridge", sg_solver_ridge),
         dtype=owner.dtype_policy,
         name="synthetic_gradient",
         **extra,
@@ -61,4 +64,5 @@ def owned_config(layer):
         "sg_input_normalization": layer.input_normalization,
         "sg_solver": layer.solver,
         "sg_solver_decay": layer.solver_decay,
+        "sg_solver_ridge": layer.solver_ridge,
     }

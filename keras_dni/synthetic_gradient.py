@@ -219,6 +219,13 @@ class SyntheticGradient(keras.layers.Layer):
             of `h`, label features, 1): the window holds about twice as
             many rows as `M` has weights per output, and the current batch
             weighs at least half.
+        solver_ridge: positive float (default `SOLVER_RIDGE`, 1e-3), the
+            least-squares solver's ridge, relative to the mean eigenvalue
+            of the Gram matrix of `M`'s regressors: the fit solves
+            `(G + solver_ridge * trace(G) / dim * I) W = C`. Larger values
+            shrink `M`'s weights along directions the recent batches hardly
+            excite (a stronger guard against extrapolating from them, at
+            the cost of a biased fit).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     **Which `M` for which `h`.** `M` follows the rank of `h`:
@@ -278,9 +285,11 @@ class SyntheticGradient(keras.layers.Layer):
         data_format=None,
         solver="auto",
         solver_decay=DEFAULT_SOLVER_DECAY,
+        solver_ridge=SOLVER_RIDGE,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.solver_ridge = validation.check_positive("solver_ridge", solver_ridge)
         self.solver = validation.check_choice(
             "solver", solver, ("auto", "least_squares", "gradient")
         )
@@ -611,7 +620,7 @@ class SyntheticGradient(keras.layers.Layer):
         of recent batches: with decay `solver_decay`, the moments
         `G <- decay * G + (1 - decay) * Z^T Z / n` and `C <- decay * C +
         (1 - decay) * Z^T T / n` are updated and `M`'s weights set to
-        `(G + ridge * trace(G) / dim * I)^-1 C` (ridge `SOLVER_RIDGE`);
+        `(G + ridge * trace(G) / dim * I)^-1 C` (ridge `solver_ridge`);
         with `solver_decay="auto"` the decay is `1 - n / (2 * dim)`,
         clipped to [0.5, 0.999], for `n` rows and `dim` regressors.
         Under `tf.distribute` the batch moments are summed over replicas.
@@ -644,7 +653,7 @@ class SyntheticGradient(keras.layers.Layer):
         cross = keep * state.cross + add * cross
         state.gram.assign(gram)
         state.cross.assign(cross)
-        ridge = SOLVER_RIDGE * tf.linalg.trace(gram) / dim + 1e-12
+        ridge = self.solver_ridge * tf.linalg.trace(gram) / dim + 1e-12
         chol = tf.linalg.cholesky(gram + ridge * tf.eye(dim))
         solution = tf.linalg.cholesky_solve(chol, cross)
         self._assign_solution(solution, tf.cast(weight, tf.float32) <= 0.0)
@@ -737,5 +746,6 @@ class SyntheticGradient(keras.layers.Layer):
             "data_format": self.data_format,
             "solver": self.solver,
             "solver_decay": self.solver_decay,
+            "solver_ridge": self.solver_ridge,
         }
         return {**super().get_config(), **config}

@@ -78,6 +78,21 @@ def check_decay(name, value):
     return float(value)
 
 
+def check_positive(name, value):
+    """A finite float above 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"Received an invalid value for `{name}`, expected a positive "
+            f"float. Received: {name}={value!r}"
+        )
+    if not 0.0 < float(value) < float("inf"):
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected a positive "
+            f"float. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
 def check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(

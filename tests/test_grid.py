@@ -125,3 +125,55 @@ def test_depth_probe_reports_per_layer_cosines(capsys):
     assert set(result["sg_cosine"]) == {"hidden_0", "hidden_1"}
     assert set(result["sg_loss"]) == {"hidden_0", "hidden_1"}
     assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_he_methods_initialise_every_hidden_kernel_with_he_normal():
+    import keras
+
+    from keras_dni.benchmarks import models
+
+    for method in ("backprop", "cdni"):
+        model = models.build_mlp(
+            method, 8, 3, "softmax", width=4, kernel_initializer="he_normal"
+        )
+        hidden = [x for x in model.layers if x.name.startswith("hidden_")]
+        assert len(hidden) == 3
+        for layer in hidden:
+            assert isinstance(layer.kernel_initializer, keras.initializers.HeNormal)
+        default = models.build_mlp(method, 8, 3, "softmax", width=4)
+        assert isinstance(
+            default.get_layer("hidden_0").kernel_initializer,
+            keras.initializers.GlorotUniform,
+        )
+    record = grid.run_cell(grid.SMALL_CELLS[0], "cdni-he", 0, small=True)
+    assert record["config"]["kernel_initializer"] == "he_normal"
+    assert record["method"] == "cdni-he"
+
+
+def test_depth_probe_layer_stats_initialiser_and_ridge(capsys):
+    import keras
+
+    from keras_dni.synthetic_gradient import SOLVER_RIDGE
+
+    argv = ["--method", "cdni", "--depth", "2", "--width", "8", "--epochs", "2"]
+    extra = ["--kernel-initializer", "he_normal", "--solver-ridge", "0.01"]
+    depth_probe.main(argv + extra + ["--layer-stats"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["config"]["kernel_initializer"] == "he_normal"
+    assert result["config"]["solver_ridge"] == 0.01
+    assert [s["epoch"] for s in result["layer_stats"]] == [1, 2]
+    for stats in result["layer_stats"]:
+        assert len(stats["inactive"]) == len(stats["rms"]) == 2
+        assert all(0.0 <= f <= 1.0 for f in stats["inactive"])
+        assert all(r >= 0.0 for r in stats["rms"])
+    # The options reach the layers (and the defaults are the library's).
+    for args, init, ridge in (
+        (argv + extra, keras.initializers.HeNormal, 0.01),
+        (argv, keras.initializers.GlorotUniform, SOLVER_RIDGE),
+    ):
+        model = depth_probe.build(depth_probe.make_parser().parse_args(args), 4)
+        for layer in model.layers[:2]:
+            assert isinstance(layer.kernel_initializer, init)
+            assert layer.synthetic_gradient.solver_ridge == ridge
+    with pytest.raises(SystemExit):
+        depth_probe.main(["--solver-ridge", "0"])

@@ -32,7 +32,7 @@ def _data(steps, seed=0):
     return x, y
 
 
-def _model(cls, decay, conditional, normalization="auto"):
+def _model(cls, decay, conditional, normalization="auto", ridge=SOLVER_RIDGE):
     keras.utils.set_random_seed(1)
     sg = keras_dni.SyntheticGradient(
         conditional=conditional,
@@ -40,6 +40,7 @@ def _model(cls, decay, conditional, normalization="auto"):
         label_dim=CLASSES if conditional else None,
         solver="least_squares",
         solver_decay=decay,
+        solver_ridge=ridge,
         name="sg",
     )
     model = cls(
@@ -56,7 +57,7 @@ def _model(cls, decay, conditional, normalization="auto"):
     return model, sg
 
 
-def _reference(model, x, y, decay, conditional, normalize=False):
+def _reference(model, x, y, decay, conditional, normalize=False, ridge=SOLVER_RIDGE):
     """`M`'s weights after one pass over `(x, y)` in batches, by numpy."""
     below, above = model.get_layer("below"), model.get_layer("above")
     gram = cross = 0.0
@@ -82,7 +83,7 @@ def _reference(model, x, y, decay, conditional, normalize=False):
         )
         gram = step_decay * gram + (1 - step_decay) * z.T @ z / len(xb)
         cross = step_decay * cross + (1 - step_decay) * z.T @ target / len(xb)
-    ridge = SOLVER_RIDGE * np.trace(gram) / dim
+    ridge = ridge * np.trace(gram) / dim
     return np.linalg.solve(gram + ridge * np.eye(dim), cross)
 
 
@@ -96,24 +97,26 @@ def _weights(sg):
 
 
 @pytest.mark.parametrize(
-    "cls, decay, conditional, normalization",
+    "cls, decay, conditional, normalization, ridge",
     [
         # stock train_step: fitted in the backward pass
-        (keras.Sequential, 0.7, False, "auto"),
+        (keras.Sequential, 0.7, False, "auto", SOLVER_RIDGE),
         # fitted by the DNI train_step
-        (keras_dni.DNISequential, 0.7, False, "auto"),
+        (keras_dni.DNISequential, 0.7, False, "auto", SOLVER_RIDGE),
         # cDNI, per-batch labels
-        (keras_dni.DNISequential, "auto", True, "auto"),
+        (keras_dni.DNISequential, "auto", True, "auto", SOLVER_RIDGE),
         # cDNI on layer-normalised h, plain DNI on raw h
-        (keras_dni.DNISequential, 0.7, True, "layer"),
-        (keras_dni.DNISequential, 0.7, False, None),
+        (keras_dni.DNISequential, 0.7, True, "layer", SOLVER_RIDGE),
+        (keras_dni.DNISequential, 0.7, False, None, SOLVER_RIDGE),
+        # a stronger ridge (`solver_ridge`)
+        (keras_dni.DNISequential, "auto", True, "auto", 0.3),
     ],
 )
 def test_least_squares_matches_numpy_ridge_regression(
-    cls, decay, conditional, normalization
+    cls, decay, conditional, normalization, ridge
 ):
     x, y = _data(steps=3)
-    model, sg = _model(cls, decay, conditional, normalization)
+    model, sg = _model(cls, decay, conditional, normalization, ridge)
     model.build((None, 4))
     expected = _reference(
         model,
@@ -123,6 +126,7 @@ def test_least_squares_matches_numpy_ridge_regression(
         conditional,
         normalize=normalization == "layer"
         or (normalization == "auto" and not conditional),
+        ridge=ridge,
     )
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     np.testing.assert_allclose(_weights(sg), expected, rtol=2e-3, atol=2e-5)
@@ -208,13 +212,28 @@ def test_recurrent_gradient_model_keeps_the_optimizer():
 
 
 def test_solver_config_round_trip():
-    layer = keras_dni.DNIDense(4, sg_solver="least_squares", sg_solver_decay=0.25)
+    layer = keras_dni.DNIDense(
+        4, sg_solver="least_squares", sg_solver_decay=0.25, sg_solver_ridge=0.05
+    )
     config = layer.get_config()
     assert config["sg_solver"] == "least_squares"
     assert config["sg_solver_decay"] == 0.25
+    assert config["sg_solver_ridge"] == 0.05
     again = keras_dni.DNIDense.from_config(config)
     assert again.synthetic_gradient.solver == "least_squares"
     assert again.synthetic_gradient.solver_decay == 0.25
+    assert again.synthetic_gradient.solver_ridge == 0.05
+    # A config saved before `solver_ridge` existed gets the default.
+    del config["sg_solver_ridge"]
+    old = keras_dni.DNIDense.from_config(config)
+    assert old.synthetic_gradient.solver_ridge == SOLVER_RIDGE
+    conv = keras_dni.DNIConv2D(2, 3, sg_solver_ridge=0.5)
+    assert (
+        keras_dni.DNIConv2D.from_config(
+            conv.get_config()
+        ).synthetic_gradient.solver_ridge
+        == 0.5
+    )
     sg = keras_dni.SyntheticGradient(solver="gradient", solver_decay="auto")
     assert keras_dni.SyntheticGradient.from_config(sg.get_config()).solver == (
         "gradient"
@@ -241,6 +260,10 @@ def test_solver_state_is_saved(tmp_path):
         ({"solver": "adam"}, ValueError, "Received: solver='adam'"),
         ({"solver_decay": 1.0}, ValueError, "Received: solver_decay=1.0"),
         ({"solver_decay": "fast"}, TypeError, "Received: solver_decay='fast'"),
+        ({"solver_ridge": 0.0}, ValueError, "Received: solver_ridge=0.0"),
+        ({"solver_ridge": float("inf")}, ValueError, "Received: solver_ridge=inf"),
+        ({"solver_ridge": "big"}, TypeError, "Received: solver_ridge='big'"),
+        ({"solver_ridge": True}, TypeError, "Received: solver_ridge=True"),
         (
             {"solver": "least_squares", "hidden_units": (8,)},
             ValueError,
@@ -258,6 +281,10 @@ def test_dni_layer_solver_argument_errors():
         keras_dni.DNIDense(4, sg_solver="lsq")
     with pytest.raises(ValueError, match="sg_solver_decay=-0.5"):
         keras_dni.DNIDense(4, sg_solver_decay=-0.5)
+    with pytest.raises(ValueError, match="Received: sg_solver_ridge=-1"):
+        keras_dni.DNIDense(4, sg_solver_ridge=-1)
+    with pytest.raises(TypeError, match="Received: sg_solver_ridge=None"):
+        keras_dni.DNIConv2D(2, 3, sg_solver_ridge=None)
 
 
 def test_least_squares_needs_a_per_position_convolution():

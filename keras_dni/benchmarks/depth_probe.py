@@ -5,9 +5,13 @@ MNIST subset, the bench CLI's split) with backprop, DNI or cDNI and prints
 one JSON line: held-out accuracy every few epochs and, for DNI, the cosine
 between the gradient each layer trains with and the true gradient
 (`callbacks.SyntheticGradientMonitor`, mean of the last five measurements,
-bottom layer first) and each layer's final `sg_loss`. Options reproduce the
-variants of `docs/depth.md`: the gradient models' solver and learning rate,
-batch normalisation in the network (as in the paper), SGD with momentum.
+bottom layer first) and each layer's final `sg_loss`; with
+`--layer-stats`, also how many units of each hidden layer are inactive on
+every held-out example and the RMS of each layer's output, along the
+curve. Options reproduce the variants of `docs/depth.md`: the gradient
+models' solver, window, ridge and learning rate, the hidden layers' kernel
+initialiser, batch normalisation in the network (as in the paper), SGD
+with momentum.
 
 Example:
 
@@ -56,6 +60,13 @@ def make_parser():
         help="the gradient models' `sg_solver_decay` ('auto' or a float)",
     )
     parser.add_argument(
+        "--solver-ridge",
+        type=float,
+        default=None,
+        help="the gradient models' `sg_solver_ridge` (default: the "
+        "library's, `keras_dni.synthetic_gradient.SOLVER_RIDGE`)",
+    )
+    parser.add_argument(
         "--sg-learning-rate",
         type=float,
         default=1e-3,
@@ -68,12 +79,25 @@ def make_parser():
         help="the gradient models' `sg_input_normalization`",
     )
     parser.add_argument(
+        "--kernel-initializer",
+        default=None,
+        help="the hidden layers' `kernel_initializer` (for example "
+        "'he_normal'; default: the layer's own default)",
+    )
+    parser.add_argument(
         "--batch-norm",
         action="store_true",
         help="batch normalisation after every hidden Dense (before the "
         "activation and the decoupling point), as in the paper",
     )
     parser.add_argument("--monitor-every", type=int, default=10)
+    parser.add_argument(
+        "--layer-stats",
+        action="store_true",
+        help="also record, with each point of the curve, per hidden layer "
+        "(bottom first) the fraction of units inactive (<= 0) on every "
+        "held-out example and the RMS of the layer's output",
+    )
     return parser
 
 
@@ -82,15 +106,20 @@ def build(args, input_dim):
 
     import keras_dni
     from keras_dni.benchmarks import runs
+    from keras_dni.synthetic_gradient import SOLVER_RIDGE
 
     layers = [keras.Input((input_dim,))]
     dni = args.method != "backprop"
     normalization = runs.sg_input_normalization(args.sg_input_normalization)
+    ridge = SOLVER_RIDGE if args.solver_ridge is None else args.solver_ridge
+    init = {}
+    if args.kernel_initializer is not None:
+        init["kernel_initializer"] = args.kernel_initializer
     for i in range(args.depth):
         name = f"hidden_{i}"
         if args.batch_norm:
             layers += [
-                keras.layers.Dense(args.width, name=f"dense_{i}"),
+                keras.layers.Dense(args.width, name=f"dense_{i}", **init),
                 keras.layers.BatchNormalization(name=f"bn_{i}"),
                 keras.layers.Activation(args.activation, name=f"act_{i}"),
             ]
@@ -100,6 +129,7 @@ def build(args, input_dim):
                         conditional=args.method == "cdni",
                         solver=args.solver,
                         solver_decay=args.solver_decay,
+                        solver_ridge=ridge,
                         input_normalization=normalization,
                         name=name,
                     )
@@ -112,13 +142,17 @@ def build(args, input_dim):
                     conditional=args.method == "cdni",
                     sg_solver=args.solver,
                     sg_solver_decay=args.solver_decay,
+                    sg_solver_ridge=ridge,
                     sg_input_normalization=normalization,
                     name=name,
+                    **init,
                 )
             )
         else:
             layers.append(
-                keras.layers.Dense(args.width, activation=args.activation, name=name)
+                keras.layers.Dense(
+                    args.width, activation=args.activation, name=name, **init
+                )
             )
     layers.append(keras.layers.Dense(10, activation="softmax", name="output"))
     return (keras_dni.DNISequential if dni else keras.Sequential)(layers)
@@ -150,10 +184,35 @@ def run(args):
     model.compile(optimizer, "sparse_categorical_crossentropy", **extra)
     accuracy = []
 
+    every = max(1, args.epochs // 12)
+    layer_stats = []
+    if args.layer_stats:
+        # The hidden layers' outputs (after the activation).
+        name = "act_{}" if args.batch_norm else "hidden_{}"
+        hidden = keras.Model(
+            model.inputs,
+            [model.get_layer(name.format(i)).output for i in range(args.depth)],
+        )
+
     class Evaluate(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             pred = self.model.predict(xt, batch_size=1024, verbose=0)
             accuracy.append(float((pred.argmax(axis=1) == yt).mean()))
+            if args.layer_stats and epoch % every == 0:
+                outputs = hidden.predict(xt, batch_size=1024, verbose=0)
+                layer_stats.append(
+                    {
+                        "epoch": epoch + 1,
+                        "inactive": [
+                            round(float((h.max(axis=0) <= 0).mean()), 3)
+                            for h in outputs
+                        ],
+                        "rms": [
+                            round(float(np.sqrt(np.mean(np.square(h)))), 4)
+                            for h in outputs
+                        ],
+                    }
+                )
 
     start = time.time()
     history = model.fit(
@@ -167,10 +226,12 @@ def run(args):
     result = {
         "config": vars(args),
         "accuracy": accuracy[-1],
-        "curve": [round(a, 4) for a in accuracy[:: max(1, args.epochs // 12)]],
+        "curve": [round(a, 4) for a in accuracy[::every]],
         "final_loss": float(history.history["loss"][-1]),
         "seconds": round(time.time() - start, 1),
     }
+    if args.layer_stats:
+        result["layer_stats"] = layer_stats
     if args.method != "backprop":
         result["sg_loss"] = {
             key[len("sg_loss_") :]: float(values[-1])
@@ -194,6 +255,8 @@ def main(argv=None):
     for name in ("depth", "width", "batch_size", "epochs"):
         if getattr(args, name) <= 0:
             make_parser().error(f"--{name.replace('_', '-')} must be positive")
+    if args.solver_ridge is not None and not args.solver_ridge > 0:
+        make_parser().error("--solver-ridge must be positive")
     print(json.dumps(run(args)), flush=True)
     return 0
 

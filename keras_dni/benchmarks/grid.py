@@ -18,7 +18,11 @@ before least squares); `dni-raw`, plain DNI with `M` on the raw `h`
 (`sg_input_normalization="layer"`, the default before `"auto"`);
 `dni-bottom`, plain DNI with one decoupling point
 only, after the first hidden layer (where to decouple:
-`apply_dni(model, layers=...)`).
+`apply_dni(model, layers=...)`); `backprop-he` and `cdni-he`, the
+same networks with every hidden layer's kernel initialised by
+`"he_normal"` instead of Keras' default `"glorot_uniform"`;
+`cdni-he-ridge`, as `cdni-he` with the least-squares ridge
+`sg_solver_ridge=1e-2` instead of the default 1e-3.
 
 Cells marked `held_out` were never used to choose a default or a budget:
 they are there to check that what holds on the others holds elsewhere.
@@ -41,18 +45,25 @@ GRID_METHODS = (
     "dni-bottom",
     "dni-raw",
     "cdni-layernorm",
+    "backprop-he",
+    "cdni-he",
+    "cdni-he-ridge",
 )
+_HE = {"kernel_initializer": "he_normal"}
 # Grid method -> (bench method, hidden layers that are DNI layers or None for
-# all, extra DNIDense arguments).
+# all, extra DNIDense arguments, extra arguments of every hidden layer).
 _METHOD_SETUP = {
-    "backprop": ("backprop", None, {}),
-    "dni": ("dni", None, {}),
-    "cdni": ("cdni", None, {}),
-    "dni-gradient": ("dni", None, {"sg_solver": "gradient"}),
-    "cdni-gradient": ("cdni", None, {"sg_solver": "gradient"}),
-    "dni-bottom": ("dni", [0], {}),
-    "dni-raw": ("dni", None, {"sg_input_normalization": None}),
-    "cdni-layernorm": ("cdni", None, {"sg_input_normalization": "layer"}),
+    "backprop": ("backprop", None, {}, {}),
+    "dni": ("dni", None, {}, {}),
+    "cdni": ("cdni", None, {}, {}),
+    "dni-gradient": ("dni", None, {"sg_solver": "gradient"}, {}),
+    "cdni-gradient": ("cdni", None, {"sg_solver": "gradient"}, {}),
+    "dni-bottom": ("dni", [0], {}, {}),
+    "dni-raw": ("dni", None, {"sg_input_normalization": None}, {}),
+    "cdni-layernorm": ("cdni", None, {"sg_input_normalization": "layer"}, {}),
+    "backprop-he": ("backprop", None, {}, _HE),
+    "cdni-he": ("cdni", None, {}, _HE),
+    "cdni-he-ridge": ("cdni", None, {"sg_solver_ridge": 1e-2}, _HE),
 }
 
 
@@ -137,7 +148,7 @@ def run_cell(cell, method, seed, small=False):
     else:
         out, act, loss, key = 10, "softmax", "sparse_categorical_crossentropy", ""
     key = "exact_accuracy" if key else "accuracy"
-    bench_method, dni_layers, dni_kwargs = _METHOD_SETUP[method]
+    bench_method, dni_layers, dni_kwargs, layer_kwargs = _METHOD_SETUP[method]
     model = build_mlp(
         bench_method,
         x.shape[1],
@@ -148,6 +159,7 @@ def run_cell(cell, method, seed, small=False):
         dni_layers=dni_layers,
         activation=cell["activation"],
         dni_kwargs=dni_kwargs,
+        **layer_kwargs,
     )
     model.compile(keras.optimizers.Adam(1e-3), loss)
     scores = []
@@ -169,7 +181,7 @@ def run_cell(cell, method, seed, small=False):
         "method": method,
         "seed": seed,
         "metrics": metrics,
-        "config": dict(cell),
+        "config": {**cell, **layer_kwargs},
     }
 
 

@@ -22,6 +22,7 @@ def build_mlp(
     dni_layers=None,
     activation="relu",
     dni_kwargs=None,
+    kernel_initializer="glorot_uniform",
 ):
     """The benchmark MLP for one method (`backprop`, `dni` or `cdni`).
 
@@ -29,7 +30,8 @@ def build_mlp(
     `DNIDense` for `dni`/`cdni`; the others are plain `Dense`. `None`
     (default) makes every hidden layer a DNI layer. `activation`: that of
     every hidden layer. `dni_kwargs`: more arguments for the `DNIDense`
-    layers (e.g. `sg_solver`).
+    layers (e.g. `sg_solver`). `kernel_initializer`: that of every hidden
+    layer (Keras' default, `"glorot_uniform"`, unless given).
     """
     import keras
 
@@ -49,7 +51,12 @@ def build_mlp(
     for i in range(depth):
         if method == "backprop" or i not in dni_layers:
             hidden.append(
-                keras.layers.Dense(width, activation=activation, name=f"hidden_{i}")
+                keras.layers.Dense(
+                    width,
+                    activation=activation,
+                    kernel_initializer=kernel_initializer,
+                    name=f"hidden_{i}",
+                )
             )
         else:
             hidden.append(
@@ -57,6 +64,7 @@ def build_mlp(
                     width,
                     activation=activation,
                     conditional=method == "cdni",
+                    kernel_initializer=kernel_initializer,
                     name=f"hidden_{i}",
                     **(dni_kwargs or {}),
                 )
