@@ -83,8 +83,8 @@ def _reference(model, x, y, decay, conditional, normalize=False, ridge=SOLVER_RI
         )
         gram = step_decay * gram + (1 - step_decay) * z.T @ z / len(xb)
         cross = step_decay * cross + (1 - step_decay) * z.T @ target / len(xb)
-    ridge = ridge * np.trace(gram) / dim
-    return np.linalg.solve(gram + ridge * np.eye(dim), cross)
+    shift = ridge * np.trace(gram) / dim  # relative to the mean eigenvalue
+    return np.linalg.solve(gram + shift * np.eye(dim), cross)
 
 
 def _weights(sg):
