@@ -6,6 +6,7 @@ from keras_dni import validation
 from keras_dni.owned import owned_config
 from keras_dni.owned import owned_synthetic_gradient
 from keras_dni.synthetic_gradient import DEFAULT_SOLVER_DECAY
+from keras_dni.synthetic_gradient import PREDICTION_CLIP
 from keras_dni.synthetic_gradient import SOLVER_RIDGE
 
 
@@ -61,6 +62,9 @@ class DNIConv2D(keras.layers.Conv2D):
             of past batches (see `SyntheticGradient`'s `solver_decay`).
         sg_solver_ridge: positive float, the least-squares solver's ridge
             (see `SyntheticGradient`'s `solver_ridge`).
+        sg_prediction_clip: positive float or `None`, the bound on the
+            synthetic gradient's norm relative to the recent targets' (see
+            `SyntheticGradient`'s `prediction_clip`).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -118,6 +122,7 @@ class DNIConv2D(keras.layers.Conv2D):
         sg_solver="auto",
         sg_solver_decay=DEFAULT_SOLVER_DECAY,
         sg_solver_ridge=SOLVER_RIDGE,
+        sg_prediction_clip=PREDICTION_CLIP,
         **kwargs,
     ):
         super().__init__(
@@ -150,6 +155,7 @@ class DNIConv2D(keras.layers.Conv2D):
             sg_solver,
             sg_solver_decay,
             sg_solver_ridge,
+            sg_prediction_clip,
             kernel_size=validation.check_optional_positive_int(
                 "sg_kernel_size", sg_kernel_size
             ),

@@ -30,6 +30,7 @@ _DNI_ARGS = {
     "sg_solver",
     "sg_solver_decay",
     "sg_solver_ridge",
+    "sg_prediction_clip",
 }
 _CONV_ONLY_ARGS = {"sg_kernel_size"}
 
@@ -45,7 +46,12 @@ def apply_dni(model, layers=None, every=None, **dni_kwargs):
     every chosen `keras.layers.Conv2D` a `keras_dni.DNIConv2D`, with the
     same configuration, name and weights; all other layers are copied with
     their weights. The copy makes exactly the same predictions as `model`;
-    only training differs. `model` itself is not changed.
+    only training differs. `model` itself is not changed. The weights and
+    the initialiser are the layer's own: a `DNIDense` built directly picks
+    `"he_normal"` for ReLU layers (`kernel_initializer="auto"`), which
+    deep cDNI networks need (`docs/depth.md`); to train a deep ReLU model
+    from scratch with `apply_dni`, build its `Dense` layers with
+    `kernel_initializer="he_normal"`.
 
     Args:
         model: a built `keras.Sequential` or functional `keras.Model`.
@@ -67,8 +73,8 @@ def apply_dni(model, layers=None, every=None, **dni_kwargs):
         **dni_kwargs: arguments for the DNI layers: `sg_hidden_units`,
             `sg_batch_norm`, `conditional`, `label_dim`, `bp_lambda`,
             `sg_input_normalization`, `sg_solver`, `sg_solver_decay`,
-            `sg_solver_ridge`, and `sg_kernel_size` (used by
-            `DNIConv2D` only).
+            `sg_solver_ridge`, `sg_prediction_clip`, and `sg_kernel_size`
+            (used by `DNIConv2D` only).
 
     Returns:
         A `keras_dni.DNISequential` for a Sequential `model`, a

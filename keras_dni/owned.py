@@ -6,6 +6,7 @@ and serialised the same way.
 
 from keras_dni import validation
 from keras_dni.synthetic_gradient import DEFAULT_SOLVER_DECAY
+from keras_dni.synthetic_gradient import PREDICTION_CLIP
 from keras_dni.synthetic_gradient import SOLVER_RIDGE
 from keras_dni.synthetic_gradient import SyntheticGradient
 
@@ -21,6 +22,7 @@ def owned_synthetic_gradient(
     sg_solver="auto",
     sg_solver_decay=DEFAULT_SOLVER_DECAY,
     sg_solver_ridge=SOLVER_RIDGE,
+    sg_prediction_clip=PREDICTION_CLIP,
     **extra,
 ):
     """Creates the `SyntheticGradient` child of DNI layer `owner`.
@@ -44,6 +46,9 @@ def owned_synthetic_gradient(
         ),
         solver_decay=validation.check_decay("sg_solver_decay", sg_solver_decay),
         solver_ridge=validation.check_positive("sg_solver_ridge", sg_solver_ridge),
+        prediction_clip=validation.check_positive(
+            "sg_prediction_clip", sg_prediction_clip, optional=True
+        ),
         dtype=owner.dtype_policy,
         name="synthetic_gradient",
         **extra,
@@ -65,4 +70,5 @@ def owned_config(layer):
         "sg_solver": layer.solver,
         "sg_solver_decay": layer.solver_decay,
         "sg_solver_ridge": layer.solver_ridge,
+        "sg_prediction_clip": layer.prediction_clip,
     }

@@ -317,11 +317,12 @@ def _train_gradient_model(sg, held, incoming, mask):
         tf.where(held["valid"], value, 0.0),
         sample_weight=tf.cast(held["valid"], tf.float32),
     )
+    target = tf.cast(incoming, tf.float32) / scale
+    weight = tf.cast(mask, tf.float32)
     if sg.least_squares:
-        target = tf.cast(incoming, tf.float32) / scale
-        weight = tf.cast(mask, tf.float32)
         sg.fit_least_squares(sg.least_squares_features(h, labels), target, weight)
         return None
+    sg.record_targets(target, weight)
     variables = list(sg.trainable_variables)
     with tf.GradientTape() as tape:
         current = sg.predict_gradient(h, labels if sg.conditional else None)

@@ -315,6 +315,9 @@ class DNIRNN(keras.layers.Layer):
                 # The recurrent M is trained by `sg_optimizer` (also at the
                 # end of a stateful batch, outside `SyntheticGradient.call`).
                 solver="gradient",
+                # The border's bound is `gamma`'s; the clip of
+                # `SyntheticGradient.call` would not reach it.
+                prediction_clip=None,
                 name="synthetic_gradient",
             )
             self.synthetic_gradient.metric_prefix_name = self.name

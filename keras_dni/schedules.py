@@ -626,12 +626,13 @@ def _train_gradient_model(counter, pending, incoming, labels):
     replicas = float(tf.distribute.get_strategy().num_replicas_in_sync)
     value, d_prediction = _regression(prediction, incoming, scale, replicas)
     sg.sg_loss_tracker.update_state(value, sample_weight=1.0)
+    weight = 1.0 if mask is None else tf.cast(mask, tf.float32)
+    target = tf.cast(incoming, tf.float32) / scale
     if sg.least_squares:
         del tape
-        weight = 1.0 if mask is None else tf.cast(mask, tf.float32)
-        target = tf.cast(incoming, tf.float32) / scale
         sg.fit_least_squares(sg.least_squares_features(h, labels), target, weight)
         return
+    sg.record_targets(target, weight)
     variables = list(sg.trainable_variables)
     grads = tape.gradient(prediction, variables, output_gradients=d_prediction)
     del tape

@@ -12,6 +12,7 @@ DEFAULT_SOLVER_DECAY = "auto"
 _ROWS_PER_REGRESSOR = 2.0
 _MIN_DECAY, _MAX_DECAY = 0.5, 0.999
 SOLVER_RIDGE = 1e-3
+PREDICTION_CLIP = 3.0
 
 _TRAINING_CONTEXT_HINT = (
     "Build the model with `keras_dni.DNISequential` or `keras_dni.DNIModel` "
@@ -73,6 +74,21 @@ def _decouple(finite_check):
     return op, holder
 
 
+def _sum_over_replicas(values):
+    """`values` summed over the replicas of a `tf.distribute` strategy."""
+    replica = tf.distribute.get_replica_context()
+    if replica is not None and replica.num_replicas_in_sync > 1:
+        return replica.all_reduce("SUM", values)
+    return values
+
+
+def _auto_decay(rows, dim):
+    """`solver_decay="auto"`: `1 - rows / (2 * dim)`, clipped."""
+    return tf.clip_by_value(
+        1.0 - rows / (_ROWS_PER_REGRESSOR * dim), _MIN_DECAY, _MAX_DECAY
+    )
+
+
 class _LabelProjection(keras.layers.Layer):
     """The label input of a conditional gradient model (a bias-free Dense).
 
@@ -92,6 +108,33 @@ class _LabelProjection(keras.layers.Layer):
 
     def call(self, inputs):
         return tf.matmul(inputs, self.kernel)
+
+
+class _TargetNorm(keras.layers.Layer):
+    """The running mean square norm of `M`'s per-example targets (no call).
+
+    What `prediction_clip` compares `M`'s predictions with. Zero until the
+    first target arrives.
+    """
+
+    def build(self, input_shape=None):
+        self.mean_square = self.add_weight(
+            shape=(),
+            initializer="zeros",
+            trainable=False,
+            autocast=False,
+            aggregation="only_first_replica",
+            name="mean_square",
+        )
+
+    def call(self, inputs):
+        return inputs
+
+    def load_own_variables(self, store):
+        # Files saved before `prediction_clip` existed hold no entry for this
+        # layer: the statistic then starts again from the next batch.
+        if len(store.keys()):
+            super().load_own_variables(store)
 
 
 class _SolverState(keras.layers.Layer):
@@ -226,6 +269,20 @@ class SyntheticGradient(keras.layers.Layer):
             shrink `M`'s weights along directions the recent batches hardly
             excite (a stronger guard against extrapolating from them, at
             the cost of a biased fit).
+        prediction_clip: positive float or `None` (default
+            `PREDICTION_CLIP`, 3.0), a bound on the synthetic gradient sent
+            below, relative to the gradients `M` was fitted on: each
+            example's predicted gradient (each position's, for `h` of rank
+            > 2) is scaled down where needed so that its norm is at most
+            `prediction_clip` times the root mean square norm of `M`'s
+            recent targets (over the least-squares solver's window of past
+            batches; for `solver="gradient"`, over a window of the length
+            `solver_decay="auto"` gives). `M`'s regression and its
+            `sg_loss` use the prediction as sent. `None` sends `M`'s
+            prediction as it is. Without it, deep cDNI networks that had
+            converged sometimes diverged late in training: a small drift
+            of the loss made the lower gradient models' predictions grow
+            several-fold from layer to layer (see `docs/depth.md`).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     **Which `M` for which `h`.** `M` follows the rank of `h`:
@@ -286,10 +343,14 @@ class SyntheticGradient(keras.layers.Layer):
         solver="auto",
         solver_decay=DEFAULT_SOLVER_DECAY,
         solver_ridge=SOLVER_RIDGE,
+        prediction_clip=PREDICTION_CLIP,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.solver_ridge = validation.check_positive("solver_ridge", solver_ridge)
+        self.prediction_clip = validation.check_positive(
+            "prediction_clip", prediction_clip, optional=True
+        )
         self.solver = validation.check_choice(
             "solver", solver, ("auto", "least_squares", "gradient")
         )
@@ -329,6 +390,7 @@ class SyntheticGradient(keras.layers.Layer):
             else None
         )
         self._solver_state = _SolverState(dtype="float32", name="solver_state")
+        self._target_norm = _TargetNorm(dtype="float32", name="target_norm")
 
     # ------------------------------------------------------------------ build
     def build(self, input_shape):
@@ -402,6 +464,7 @@ class SyntheticGradient(keras.layers.Layer):
             self._build_label_projection()
         elif not self.conditional:
             self._build_solver()
+        self._target_norm.build()
         self.sg_loss_tracker = keras.metrics.Mean(
             name=f"sg_loss_{self.metric_prefix_name}"
         )
@@ -494,6 +557,22 @@ class SyntheticGradient(keras.layers.Layer):
             A float32 tensor shaped like `inputs`.
         """
         return self._predict(self._model_inputs(inputs), labels)
+
+    def sent_gradient(self, inputs, labels=None):
+        """The per-example synthetic gradient sent below `inputs` in training.
+
+        `M`'s prediction (`predict_gradient`) after `prediction_clip`; the
+        gradient a training step sends is this divided by the global batch
+        size (and times the loss scale).
+
+        Args:
+            inputs: the activations `h`.
+            labels: the batch's targets, for a conditional layer.
+
+        Returns:
+            A float32 tensor shaped like `inputs`.
+        """
+        return self._clip(self.predict_gradient(inputs, labels))
 
     def _channels_first(self):
         return self._convolutional and self.data_format == "channels_first"
@@ -630,24 +709,20 @@ class SyntheticGradient(keras.layers.Layer):
             target: the per-example gradient at `h` (layout of `h`).
             weight: 0 to skip the batch (a non-finite gradient), else 1.
         """
-        target = tf.cast(target, tf.float32)
-        if self._channels_first():
-            target = tf.transpose(target, [0, 2, 3, 1])
-        target = tf.reshape(target, [-1, target.shape[-1]])
+        weight = tf.cast(weight, tf.float32)
+        target = self._target_rows(target, weight)
         gram = tf.matmul(features, features, transpose_a=True)
         cross = tf.matmul(features, target, transpose_a=True)
         rows = tf.cast(tf.shape(features)[0], tf.float32)
-        replica = tf.distribute.get_replica_context()
-        if replica is not None and replica.num_replicas_in_sync > 1:
-            gram, cross, rows = replica.all_reduce("SUM", [gram, cross, rows])
+        energy = tf.reduce_sum(tf.square(target))
+        gram, cross, rows, energy = _sum_over_replicas([gram, cross, rows, energy])
         dim = gram.shape[-1]
         decay = self.solver_decay
         if decay == "auto":
-            decay = tf.clip_by_value(
-                1.0 - rows / (_ROWS_PER_REGRESSOR * dim), _MIN_DECAY, _MAX_DECAY
-            )
+            decay = _auto_decay(rows, dim)
         keep = decay + (1.0 - decay) * (1.0 - weight)
         add = (1.0 - decay) * weight / tf.maximum(rows, 1.0)
+        self._update_target_norm(energy, rows, keep, weight)
         state = self._solver_state
         gram = keep * state.gram + add * gram
         cross = keep * state.cross + add * cross
@@ -656,7 +731,63 @@ class SyntheticGradient(keras.layers.Layer):
         ridge = self.solver_ridge * tf.linalg.trace(gram) / dim + 1e-12
         chol = tf.linalg.cholesky(gram + ridge * tf.eye(dim))
         solution = tf.linalg.cholesky_solve(chol, cross)
-        self._assign_solution(solution, tf.cast(weight, tf.float32) <= 0.0)
+        self._assign_solution(solution, weight <= 0.0)
+
+    def record_targets(self, target, weight=1.0):
+        """Updates the running norm of `M`'s targets (`prediction_clip`).
+
+        For an `M` trained by `sg_optimizer`; `fit_least_squares` does it
+        for a least-squares `M`. The window is the one `solver_decay="auto"`
+        gives.
+
+        Args:
+            target: the per-example gradient at `h` (layout of `h`).
+            weight: 0 to skip the batch (a non-finite gradient), else 1.
+        """
+        weight = tf.cast(weight, tf.float32)
+        target = self._target_rows(target, weight)
+        rows = tf.cast(tf.shape(target)[0], tf.float32)
+        energy = tf.reduce_sum(tf.square(target))
+        rows, energy = _sum_over_replicas([rows, energy])
+        dim = self._input_dense.kernel.shape[-2] + (self.label_dim or 0) + 1
+        decay = _auto_decay(rows, dim)
+        keep = decay + (1.0 - decay) * (1.0 - weight)
+        self._update_target_norm(energy, rows, keep, weight)
+
+    def _target_rows(self, target, weight):
+        """`target` as rows of channels; zeros for a skipped batch.
+
+        (`0 * inf` would otherwise put NaN in the running moments.)
+        """
+        target = tf.cast(target, tf.float32)
+        if self._channels_first():
+            target = tf.transpose(target, [0, 2, 3, 1])
+        target = tf.reshape(target, [-1, target.shape[-1]])
+        return tf.where(weight > 0.0, target, tf.zeros_like(target))
+
+    def _update_target_norm(self, energy, rows, keep, weight):
+        """`mean_square <- keep * mean_square + (1 - keep) * energy / rows`.
+
+        The first batch with a target sets it.
+        """
+        variable = self._target_norm.mean_square
+        batch = energy / tf.maximum(rows, 1.0)
+        old = tf.convert_to_tensor(variable)
+        variable.assign(
+            tf.where(old > 0.0, keep * old + (1.0 - keep) * batch, weight * batch)
+        )
+
+    def _clip(self, prediction):
+        """`prediction` scaled down where its norm exceeds the bound."""
+        if self.prediction_clip is None:
+            return prediction
+        mean_square = tf.convert_to_tensor(self._target_norm.mean_square)
+        axis = 1 if self._channels_first() else -1
+        norm = tf.norm(prediction, axis=axis, keepdims=True)
+        limit = self.prediction_clip * tf.sqrt(mean_square)
+        factor = tf.minimum(1.0, limit / tf.maximum(norm, 1e-30))
+        factor = tf.where(mean_square > 0.0, factor, tf.ones_like(factor))
+        return prediction * tf.stop_gradient(factor)
 
     def _assign_solution(self, solution, skip):
         """Sets `M`'s weights; with `skip` (weight 0) `M` stays as it is."""
@@ -692,7 +823,7 @@ class SyntheticGradient(keras.layers.Layer):
                 "which a layer cannot see. " + _TRAINING_CONTEXT_HINT
             )
         x = self._model_inputs(tf.stop_gradient(inputs))
-        prediction = self._predict(x, labels)
+        prediction = self._clip(self._predict(x, labels))
         if ctx is not None and ctx.force_backprop:
             output = tf.identity(inputs)
             ctx.records.append((self, output, prediction))
@@ -718,6 +849,8 @@ class SyntheticGradient(keras.layers.Layer):
                     self.fit_least_squares(features, target, weight)
 
             holder["on_target"] = on_target
+        else:
+            holder["on_target"] = self.record_targets
         output = op(
             inputs,
             prediction,
@@ -747,5 +880,6 @@ class SyntheticGradient(keras.layers.Layer):
             "solver": self.solver,
             "solver_decay": self.solver_decay,
             "solver_ridge": self.solver_ridge,
+            "prediction_clip": self.prediction_clip,
         }
         return {**super().get_config(), **config}

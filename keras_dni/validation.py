@@ -78,17 +78,20 @@ def check_decay(name, value):
     return float(value)
 
 
-def check_positive(name, value):
-    """A finite float above 0."""
+def check_positive(name, value, optional=False):
+    """A finite float above 0 (or `None`, if `optional`)."""
+    if optional and value is None:
+        return None
+    expected = "a positive float" + (" or `None`" if optional else "")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
-            f"Received an invalid value for `{name}`, expected a positive "
-            f"float. Received: {name}={value!r}"
+            f"Received an invalid value for `{name}`, expected {expected}. "
+            f"Received: {name}={value!r}"
         )
     if not 0.0 < float(value) < float("inf"):
         raise ValueError(
-            f"Received an invalid value for `{name}`, expected a positive "
-            f"float. Received: {name}={value!r}"
+            f"Received an invalid value for `{name}`, expected {expected}. "
+            f"Received: {name}={value!r}"
         )
     return float(value)
 

@@ -35,6 +35,8 @@ from keras_dni.benchmarks import runs
         ([","], "unknown task ','"),
         (["digits,timing", "--dni-layers", "1"], "MLP tasks .*not to 'timing'"),
         (["digits,mnist1d", "--arch", "cnn"], "not to 'mnist1d'"),
+        (["digits", "--sg-prediction-clip", "0"], "--sg-prediction-clip must be"),
+        (["digits", "--sg-prediction-clip", "big"], "invalid prediction_clip_value"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
@@ -152,6 +154,51 @@ def test_mlp_sg_input_normalization_option(value, expected, tmp_path):
     assert cli.main(argv) == 0
     (record,) = _check_records(out, "digits", ["cdni"])
     assert record["config"]["sg_input_normalization"] == expected
+
+
+def test_mlp_prediction_clip_and_initializer_options(tmp_path, monkeypatch):
+    import keras
+
+    import keras_dni
+    from keras_dni.synthetic_gradient import PREDICTION_CLIP
+
+    built = []
+
+    def build_mlp(*args, **kwargs):
+        built.append(models.build_mlp(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(runs, "build_mlp", build_mlp)
+    argv = ["digits", "--small", "--seeds", "1", "--epochs", "1", "--methods", "cdni"]
+    for extra, clip, init in (
+        ([], PREDICTION_CLIP, keras.initializers.HeNormal),
+        (
+            ["--sg-prediction-clip", "none", "--kernel-initializer", "glorot_uniform"],
+            None,
+            keras.initializers.GlorotUniform,
+        ),
+        (["--sg-prediction-clip", "0.5"], 0.5, keras.initializers.HeNormal),
+    ):
+        out = str(tmp_path / str(len(built)))
+        assert cli.main(argv + extra + ["--out", out]) == 0
+        (record,) = _check_records(out, "digits", ["cdni"])
+        expected = "default" if not extra else clip
+        assert record["config"]["sg_prediction_clip"] == expected
+        hidden = [x for x in built[-1].layers if isinstance(x, keras_dni.DNIDense)]
+        assert len(hidden) == 3
+        for layer in hidden:
+            assert layer.synthetic_gradient.prediction_clip == clip
+            assert isinstance(layer.kernel_initializer, init)
+    with pytest.raises(ValueError, match="kernel_initializer='he_normal'"):
+        runs.run_mlp(
+            "digits",
+            "cdni",
+            0,
+            1,
+            small=True,
+            arch="cnn",
+            kernel_initializer="he_normal",
+        )
 
 
 def test_smoke_cnn(tmp_path):

@@ -259,7 +259,11 @@ def test_synthetic_gradient_argument_errors():
 
 # ------------------------------------------- SyntheticGradient, 3-D and 4-D
 def _cut_and_gradient(layer, x, weights_fn, hand_fn):
-    """Identity forward; with zero M no gradient passes; then M(h)/B does."""
+    """Identity forward; with zero M no gradient passes; then M(h)/B does.
+
+    (`layer` without `prediction_clip`: the clip's own references are in
+    test_prediction_clip.py.)
+    """
     x = tf.constant(x)
     below = tf.Variable(tf.ones(x.shape[1:]))
 
@@ -279,7 +283,7 @@ def _cut_and_gradient(layer, x, weights_fn, hand_fn):
 
 def test_rank3_identity_forward_and_per_step_gradient():
     x = np.random.default_rng(0).normal(size=(3, 5, 4)).astype("float32")
-    layer = keras_dni.SyntheticGradient()
+    layer = keras_dni.SyntheticGradient(prediction_clip=None)
     layer.build(x.shape)
     assert isinstance(layer._input_dense, keras.layers.Dense)
     _cut_and_gradient(
@@ -293,7 +297,7 @@ def test_rank3_identity_forward_and_per_step_gradient():
 @pytest.mark.parametrize("kernel_size", [None, 3])
 def test_rank4_identity_forward_and_convolutional_gradient(kernel_size):
     x = np.random.default_rng(0).normal(size=(3, 4, 5, 2)).astype("float32")
-    layer = keras_dni.SyntheticGradient(kernel_size=kernel_size)
+    layer = keras_dni.SyntheticGradient(kernel_size=kernel_size, prediction_clip=None)
     layer.build(x.shape)
     assert isinstance(layer._input_dense, keras.layers.Conv2D)
     _cut_and_gradient(
@@ -306,7 +310,9 @@ def test_rank4_identity_forward_and_convolutional_gradient(kernel_size):
 
 def test_rank4_channels_first():
     x = np.random.default_rng(0).normal(size=(3, 2, 4, 5)).astype("float32")
-    layer = keras_dni.SyntheticGradient(kernel_size=3, data_format="channels_first")
+    layer = keras_dni.SyntheticGradient(
+        kernel_size=3, data_format="channels_first", prediction_clip=None
+    )
     layer.build(x.shape)
     assert layer._input_dense.kernel.shape == (3, 3, 2, 2)
 

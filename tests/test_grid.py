@@ -140,11 +140,23 @@ def test_he_methods_initialise_every_hidden_kernel_with_he_normal():
         assert len(hidden) == 3
         for layer in hidden:
             assert isinstance(layer.kernel_initializer, keras.initializers.HeNormal)
-        default = models.build_mlp(method, 8, 3, "softmax", width=4)
-        assert isinstance(
-            default.get_layer("hidden_0").kernel_initializer,
-            keras.initializers.GlorotUniform,
-        )
+        # Without it: Keras' default for `Dense`, and `DNIDense`'s "auto"
+        # (He normal for ReLU, Glorot uniform otherwise).
+        for activation, dni_default in (
+            ("relu", keras.initializers.HeNormal),
+            ("tanh", keras.initializers.GlorotUniform),
+        ):
+            default = models.build_mlp(
+                method, 8, 3, "softmax", width=4, activation=activation
+            )
+            expected = (
+                keras.initializers.GlorotUniform
+                if method == "backprop"
+                else dni_default
+            )
+            assert isinstance(
+                default.get_layer("hidden_0").kernel_initializer, expected
+            )
     record = grid.run_cell(grid.SMALL_CELLS[0], "cdni-he", 0, small=True)
     assert record["config"]["kernel_initializer"] == "he_normal"
     assert record["method"] == "cdni-he"
@@ -166,10 +178,13 @@ def test_depth_probe_layer_stats_initialiser_and_ridge(capsys):
         assert len(stats["inactive"]) == len(stats["rms"]) == 2
         assert all(0.0 <= f <= 1.0 for f in stats["inactive"])
         assert all(r >= 0.0 for r in stats["rms"])
-    # The options reach the layers (and the defaults are the library's).
+    # The options reach the layers (and the defaults are the library's:
+    # `DNIDense`'s "auto" initialiser is He normal for these ReLU layers).
+    glorot = ["--kernel-initializer", "glorot_uniform"]
     for args, init, ridge in (
         (argv + extra, keras.initializers.HeNormal, 0.01),
-        (argv, keras.initializers.GlorotUniform, SOLVER_RIDGE),
+        (argv, keras.initializers.HeNormal, SOLVER_RIDGE),
+        (argv + glorot, keras.initializers.GlorotUniform, SOLVER_RIDGE),
     ):
         model = depth_probe.build(depth_probe.make_parser().parse_args(args), 4)
         for layer in model.layers[:2]:
@@ -177,3 +192,34 @@ def test_depth_probe_layer_stats_initialiser_and_ridge(capsys):
             assert layer.synthetic_gradient.solver_ridge == ridge
     with pytest.raises(SystemExit):
         depth_probe.main(["--solver-ridge", "0"])
+
+
+def test_depth_probe_trace_and_prediction_clip(capsys):
+    from keras_dni.synthetic_gradient import PREDICTION_CLIP
+
+    argv = ["--method", "cdni", "--depth", "2", "--width", "8", "--epochs", "2"]
+    argv += ["--batch-size", "512"]
+    depth_probe.main(argv + ["--trace-epochs", "2", "--prediction-clip", "none"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["config"]["prediction_clip"] is None
+    trace = result["trace"]
+    # Every step of epoch 2 (the digits training split in batches of 512).
+    assert [r["step"] for r in trace] == list(range(1, len(trace) + 1))
+    assert len(trace) >= 2 and all(r["epoch"] == 2 for r in trace)
+    for record in trace:
+        assert record["loss"] > 0
+        assert len(record["true_rms"]) == len(record["sent_rms"]) == 2
+        assert all(-1.0 <= c <= 1.0 for c in record["cosine"])
+    for value, expected in (("0.5", 0.5), ("none", None), (None, PREDICTION_CLIP)):
+        extra = [] if value is None else ["--prediction-clip", value]
+        model = depth_probe.build(depth_probe.make_parser().parse_args(argv + extra), 4)
+        for layer in model.layers[:2]:
+            assert layer.synthetic_gradient.prediction_clip == expected
+    for bad in (
+        ["--prediction-clip", "0"],
+        ["--trace-epochs", "3-1"],
+        ["--trace-epochs", "x"],
+        ["--method", "backprop", "--trace-epochs", "1"],
+    ):
+        with pytest.raises(SystemExit):
+            depth_probe.main(bad)

@@ -25,6 +25,8 @@ BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-7
 
 
 def _model(cls=keras_dni.DNISequential, regularizer=None, solver="auto"):
+    # The reference sends M's prediction unbounded, as the paper does
+    # (`prediction_clip` has its own references: test_prediction_clip.py).
     layers = [
         keras_dni.DNIDense(
             UNITS,
@@ -32,9 +34,15 @@ def _model(cls=keras_dni.DNISequential, regularizer=None, solver="auto"):
             name="d1",
             kernel_regularizer=regularizer,
             sg_solver=solver,
+            sg_prediction_clip=None,
         ),
         keras_dni.DNIDense(
-            UNITS, activation="tanh", conditional=True, name="d2", sg_solver=solver
+            UNITS,
+            activation="tanh",
+            conditional=True,
+            name="d2",
+            sg_solver=solver,
+            sg_prediction_clip=None,
         ),
         keras.layers.Dense(CLASSES, activation="softmax", name="out"),
     ]

@@ -46,6 +46,32 @@ def test_forward_equals_dense():
     )
 
 
+def test_dense_auto_initializer_is_he_for_relu_only():
+    kinds = {
+        "relu": keras.initializers.HeNormal,
+        keras.activations.relu: keras.initializers.HeNormal,
+        "tanh": keras.initializers.GlorotUniform,
+        None: keras.initializers.GlorotUniform,
+    }
+    for activation, kind in kinds.items():
+        layer = keras_dni.DNIDense(4, activation=activation)
+        assert isinstance(layer.kernel_initializer, kind), activation
+        # The chosen initialiser is what the config records and restores.
+        again = keras_dni.DNIDense.from_config(layer.get_config())
+        assert isinstance(again.kernel_initializer, kind), activation
+    chosen = keras_dni.DNIDense(4, activation="relu", kernel_initializer="zeros")
+    assert isinstance(chosen.kernel_initializer, keras.initializers.Zeros)
+    # Configs written before "auto" name their initialiser: it is kept.
+    config = keras.layers.Dense(4, activation="relu").get_config()
+    old = keras_dni.DNIDense.from_config(config)
+    assert isinstance(old.kernel_initializer, keras.initializers.GlorotUniform)
+    # He normal's scale, by hand: variance 2 / fan_in.
+    keras.utils.set_random_seed(0)
+    wide = keras_dni.DNIDense(512, activation="relu")
+    wide.build((None, 512))
+    np.testing.assert_allclose(np.var(wide.kernel.numpy()), 2 / 512, rtol=0.05)
+
+
 def test_inference_is_identity_without_gradient_model_work():
     layer = keras_dni.SyntheticGradient()
     x = tf.random.normal((4, 3))

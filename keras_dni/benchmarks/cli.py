@@ -212,6 +212,21 @@ def make_parser():
         "sg_optimizer=Adam(1e-3), the default before least squares)",
     )
     parser.add_argument(
+        "--sg-prediction-clip",
+        type=runs.prediction_clip_value,
+        default="default",
+        help="MLP and CNN tasks: the DNI layers' `sg_prediction_clip`, a "
+        "float or 'none' (default: the library's, 3.0; 'none': the "
+        "default before 2026-11-28)",
+    )
+    parser.add_argument(
+        "--kernel-initializer",
+        default=None,
+        help="MLP tasks: the hidden layers' `kernel_initializer` (default: "
+        "each layer's own; `DNIDense` picks 'he_normal' for ReLU since "
+        "2026-11-28, 'glorot_uniform' reproduces the runs before)",
+    )
+    parser.add_argument(
         "--schedule",
         default="locked",
         choices=["locked", "unlocked", "pipelined"],
@@ -394,6 +409,9 @@ def main(argv=None):
         if value <= 0:
             flag = "--" + name.replace("_", "-")
             parser.error(f"{flag} must be a positive integer, got {value}")
+    clip = args.sg_prediction_clip
+    if clip not in ("default", None) and not 0.0 < clip < float("inf"):
+        parser.error(f"--sg-prediction-clip must be positive or 'none', got {clip}")
     if not 0.0 < args.update_probability <= 1.0:
         parser.error(
             f"--update-probability must be in (0, 1], got {args.update_probability}"

@@ -8,10 +8,13 @@ between the gradient each layer trains with and the true gradient
 bottom layer first) and each layer's final `sg_loss`; with
 `--layer-stats`, also how many units of each hidden layer are inactive on
 every held-out example and the RMS of each layer's output, along the
-curve. Options reproduce the variants of `docs/depth.md`: the gradient
-models' solver, window, ridge and learning rate, the hidden layers' kernel
-initialiser, batch normalisation in the network (as in the paper), SGD
-with momentum.
+curve; with `--trace-epochs`, after every step of those epochs, on a
+fixed batch of training examples: the loss, and per layer the RMS of the
+true per-example gradient at the layer's output, of the synthetic gradient
+the layer sends, and their cosine. Options reproduce the variants of
+`docs/depth.md`: the gradient models' solver, window, ridge, prediction
+clip and learning rate, the hidden layers' kernel initialiser, batch
+normalisation in the network (as in the paper), SGD with momentum.
 
 Example:
 
@@ -27,6 +30,8 @@ import time
 
 
 def make_parser():
+    from keras_dni.benchmarks.runs import prediction_clip_value
+
     parser = argparse.ArgumentParser(
         prog="python -m keras_dni.benchmarks.depth_probe", description=__doc__
     )
@@ -67,6 +72,14 @@ def make_parser():
         "library's, `keras_dni.synthetic_gradient.SOLVER_RIDGE`)",
     )
     parser.add_argument(
+        "--prediction-clip",
+        type=prediction_clip_value,
+        default="default",
+        help="the gradient models' `sg_prediction_clip` (a float, or "
+        "'none'; default: the library's, "
+        "`keras_dni.synthetic_gradient.PREDICTION_CLIP`)",
+    )
+    parser.add_argument(
         "--sg-learning-rate",
         type=float,
         default=1e-3,
@@ -98,7 +111,33 @@ def make_parser():
         "(bottom first) the fraction of units inactive (<= 0) on every "
         "held-out example and the RMS of the layer's output",
     )
+    parser.add_argument(
+        "--trace-epochs",
+        type=_epoch_range,
+        default=None,
+        metavar="FIRST-LAST",
+        help="DNI only: after every step of these epochs (1-based, "
+        "inclusive), on the first 512 training examples, record the loss "
+        "and per hidden layer (bottom first) the RMS of the true "
+        "per-example gradient at its output, of the synthetic gradient it "
+        "sends, and their cosine",
+    )
     return parser
+
+
+def _epoch_range(value):
+    first, _, last = value.partition("-")
+    try:
+        first, last = int(first), int(last or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected FIRST-LAST (epochs, e.g. 44-48), received {value!r}"
+        ) from None
+    if not 1 <= first <= last:
+        raise argparse.ArgumentTypeError(
+            f"expected 1 <= FIRST <= LAST, received {value!r}"
+        )
+    return first, last
 
 
 def build(args, input_dim):
@@ -106,12 +145,16 @@ def build(args, input_dim):
 
     import keras_dni
     from keras_dni.benchmarks import runs
+    from keras_dni.synthetic_gradient import PREDICTION_CLIP
     from keras_dni.synthetic_gradient import SOLVER_RIDGE
 
     layers = [keras.Input((input_dim,))]
     dni = args.method != "backprop"
     normalization = runs.sg_input_normalization(args.sg_input_normalization)
     ridge = SOLVER_RIDGE if args.solver_ridge is None else args.solver_ridge
+    clip = (
+        PREDICTION_CLIP if args.prediction_clip == "default" else args.prediction_clip
+    )
     init = {}
     if args.kernel_initializer is not None:
         init["kernel_initializer"] = args.kernel_initializer
@@ -130,6 +173,7 @@ def build(args, input_dim):
                         solver=args.solver,
                         solver_decay=args.solver_decay,
                         solver_ridge=ridge,
+                        prediction_clip=clip,
                         input_normalization=normalization,
                         name=name,
                     )
@@ -143,6 +187,7 @@ def build(args, input_dim):
                     sg_solver=args.solver,
                     sg_solver_decay=args.solver_decay,
                     sg_solver_ridge=ridge,
+                    sg_prediction_clip=clip,
                     sg_input_normalization=normalization,
                     name=name,
                     **init,
@@ -156,6 +201,64 @@ def build(args, input_dim):
             )
     layers.append(keras.layers.Dense(10, activation="softmax", name="output"))
     return (keras_dni.DNISequential if dni else keras.Sequential)(layers)
+
+
+def _step_trace(model, args, x, y, records):
+    """The `--trace-epochs` callback: one record in `records` per step."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_dni
+
+    points = [model.get_layer(f"hidden_{i}") for i in range(args.depth)]
+    models = [
+        p if isinstance(p, keras_dni.SyntheticGradient) else p.synthetic_gradient
+        for p in points
+    ]
+    outputs = keras.Model(model.inputs, [p.output for p in points] + model.outputs)
+    inputs, targets = tf.constant(x[:512]), tf.constant(y[:512])
+    labels = tf.one_hot(targets, 10)
+    first, last = args.trace_epochs
+
+    def rounded(values):
+        return [float(f"{v:.3g}") for v in values]
+
+    class Trace(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch + 1
+
+        def on_train_batch_end(self, batch, logs=None):
+            if not first <= self.epoch <= last:
+                return
+            with tf.GradientTape() as tape:
+                values = outputs(inputs, training=False)
+                losses = keras.losses.sparse_categorical_crossentropy(
+                    targets, values[-1]
+                )
+                # Summed: the gradient at h is the per-example gradient.
+                total = tf.reduce_sum(losses)
+            true = tape.gradient(total, values[:-1])
+            true_rms, sent_rms, cosine = [], [], []
+            for sg, h, g in zip(models, values[:-1], true):
+                sent = sg.sent_gradient(h, labels if sg.conditional else None)
+                g, sent = g.numpy().ravel(), sent.numpy().ravel()
+                true_rms.append(np.sqrt(np.mean(g**2)))
+                sent_rms.append(np.sqrt(np.mean(sent**2)))
+                norms = np.linalg.norm(g) * np.linalg.norm(sent)
+                cosine.append(float(g @ sent / norms) if norms > 0 else 0.0)
+            records.append(
+                {
+                    "epoch": self.epoch,
+                    "step": batch + 1,
+                    "loss": float(f"{float(tf.reduce_mean(losses)):.4g}"),
+                    "true_rms": rounded(true_rms),
+                    "sent_rms": rounded(sent_rms),
+                    "cosine": [round(c, 3) for c in cosine],
+                }
+            )
+
+    return Trace()
 
 
 def run(args):
@@ -214,6 +317,9 @@ def run(args):
                     }
                 )
 
+    trace = []
+    if args.trace_epochs is not None:
+        callbacks.append(_step_trace(model, args, x, y, trace))
     start = time.time()
     history = model.fit(
         x,
@@ -232,6 +338,8 @@ def run(args):
     }
     if args.layer_stats:
         result["layer_stats"] = layer_stats
+    if args.trace_epochs is not None:
+        result["trace"] = trace
     if args.method != "backprop":
         result["sg_loss"] = {
             key[len("sg_loss_") :]: float(values[-1])
@@ -257,6 +365,11 @@ def main(argv=None):
             make_parser().error(f"--{name.replace('_', '-')} must be positive")
     if args.solver_ridge is not None and not args.solver_ridge > 0:
         make_parser().error("--solver-ridge must be positive")
+    clip = args.prediction_clip
+    if clip not in ("default", None) and not 0 < clip < float("inf"):
+        make_parser().error("--prediction-clip must be positive or 'none'")
+    if args.trace_epochs is not None and args.method == "backprop":
+        make_parser().error("--trace-epochs needs --method dni or cdni")
     print(json.dumps(run(args)), flush=True)
     return 0
 

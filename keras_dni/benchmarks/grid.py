@@ -22,7 +22,12 @@ only, after the first hidden layer (where to decouple:
 same networks with every hidden layer's kernel initialised by
 `"he_normal"` instead of Keras' default `"glorot_uniform"`;
 `cdni-he-ridge`, as `cdni-he` with the least-squares ridge
-`sg_solver_ridge=1e-2` instead of the default 1e-3.
+`sg_solver_ridge=1e-2` instead of the default 1e-3; `cdni-glorot`, cDNI
+with every hidden kernel initialised by `"glorot_uniform"` (`DNIDense`'s
+`"auto"` picks `"he_normal"` for ReLU layers); `dni-before-clip` and
+`cdni-before-clip`, the defaults before 2026-11-28: `"glorot_uniform"`
+kernels and no bound on the synthetic gradient
+(`sg_prediction_clip=None`), which the older records used.
 
 Cells marked `held_out` were never used to choose a default or a budget:
 they are there to check that what holds on the others holds elsewhere.
@@ -48,8 +53,13 @@ GRID_METHODS = (
     "backprop-he",
     "cdni-he",
     "cdni-he-ridge",
+    "cdni-glorot",
+    "dni-before-clip",
+    "cdni-before-clip",
 )
 _HE = {"kernel_initializer": "he_normal"}
+_GLOROT = {"kernel_initializer": "glorot_uniform"}
+_NO_CLIP = {"sg_prediction_clip": None}
 # Grid method -> (bench method, hidden layers that are DNI layers or None for
 # all, extra DNIDense arguments, extra arguments of every hidden layer).
 _METHOD_SETUP = {
@@ -64,6 +74,9 @@ _METHOD_SETUP = {
     "backprop-he": ("backprop", None, {}, _HE),
     "cdni-he": ("cdni", None, {}, _HE),
     "cdni-he-ridge": ("cdni", None, {"sg_solver_ridge": 1e-2}, _HE),
+    "cdni-glorot": ("cdni", None, {}, _GLOROT),
+    "dni-before-clip": ("dni", None, _NO_CLIP, _GLOROT),
+    "cdni-before-clip": ("cdni", None, _NO_CLIP, _GLOROT),
 }
 
 

@@ -22,7 +22,7 @@ def build_mlp(
     dni_layers=None,
     activation="relu",
     dni_kwargs=None,
-    kernel_initializer="glorot_uniform",
+    kernel_initializer=None,
 ):
     """The benchmark MLP for one method (`backprop`, `dni` or `cdni`).
 
@@ -31,7 +31,8 @@ def build_mlp(
     (default) makes every hidden layer a DNI layer. `activation`: that of
     every hidden layer. `dni_kwargs`: more arguments for the `DNIDense`
     layers (e.g. `sg_solver`). `kernel_initializer`: that of every hidden
-    layer (Keras' default, `"glorot_uniform"`, unless given).
+    layer; `None` (default) leaves each layer's own default (`Dense`:
+    `"glorot_uniform"`; `DNIDense`: `"auto"`, He normal for ReLU).
     """
     import keras
 
@@ -47,6 +48,9 @@ def build_mlp(
             f"hidden layers in [0, {depth - 1}]. Received: dni_layers="
             f"{list(dni_layers)!r}"
         )
+    init = (
+        {} if kernel_initializer is None else {"kernel_initializer": kernel_initializer}
+    )
     hidden = []
     for i in range(depth):
         if method == "backprop" or i not in dni_layers:
@@ -54,8 +58,8 @@ def build_mlp(
                 keras.layers.Dense(
                     width,
                     activation=activation,
-                    kernel_initializer=kernel_initializer,
                     name=f"hidden_{i}",
+                    **init,
                 )
             )
         else:
@@ -64,8 +68,8 @@ def build_mlp(
                     width,
                     activation=activation,
                     conditional=method == "cdni",
-                    kernel_initializer=kernel_initializer,
                     name=f"hidden_{i}",
+                    **init,
                     **(dni_kwargs or {}),
                 )
             )

@@ -37,10 +37,15 @@ def run_mlp(
     schedule="locked",
     update_probability=1.0,
     sg_input_normalization="auto",
+    sg_prediction_clip="default",
+    kernel_initializer=None,
 ):
     """Trains one model; returns a results record.
 
-    `sg_solver` and `sg_input_normalization` are the DNI layers'; `schedule` and
+    `sg_solver`, `sg_input_normalization` and `sg_prediction_clip` (a float,
+    `None`, or `"default"`: the library's) are the DNI layers';
+    `kernel_initializer` that of the MLP's hidden layers (`None`: the
+    layers' own defaults); `schedule` and
     `update_probability` go to the DNI models' `compile` (backprop ignores
     them).
 
@@ -72,11 +77,24 @@ def run_mlp(
         "sg_solver": sg_solver,
         "sg_input_normalization": sg_input_normalization,
     }
+    if sg_prediction_clip != "default":
+        dni_kwargs["sg_prediction_clip"] = sg_prediction_clip
     if arch == "cnn":
+        if kernel_initializer is not None:
+            raise ValueError(
+                "`kernel_initializer` applies to the MLP (`arch='mlp'`). "
+                f"Received: kernel_initializer={kernel_initializer!r}"
+            )
         model = build_cnn(method, x.shape[1], out, dni_kwargs)
     else:
         model = build_mlp(
-            method, x.shape[1], out, act, dni_layers=dni_layers, dni_kwargs=dni_kwargs
+            method,
+            x.shape[1],
+            out,
+            act,
+            dni_layers=dni_layers,
+            dni_kwargs=dni_kwargs,
+            kernel_initializer=kernel_initializer,
         )
     dni = method != "backprop"
     schedule_kwargs = (
@@ -113,6 +131,8 @@ def run_mlp(
             "optimizer": "adam(1e-3)",
             "sg_solver": sg_solver,
             "sg_input_normalization": sg_input_normalization,
+            "sg_prediction_clip": sg_prediction_clip,
+            "kernel_initializer": kernel_initializer,
             "schedule": schedule if dni else "locked",
             "update_probability": update_probability if dni else 1.0,
             "train_size": len(x),
@@ -373,6 +393,14 @@ def run_copy(args, methods):
 
 
 # ---------------------------------------------------------------- CLI runners
+def prediction_clip_value(value):
+    """A CLI `--(sg-)prediction-clip`: a float, `None` for `"none"`, or
+    `"default"` (the library's)."""
+    if value in ("default", "none"):
+        return None if value == "none" else value
+    return float(value)
+
+
 def sg_input_normalization(value):
     """The `sg_input_normalization` of a CLI value (unset: `"auto"`)."""
     return {None: "auto", "none": None}.get(value, value)
@@ -398,6 +426,8 @@ def mlp_runs(task, args, methods):
                 sg_input_normalization=sg_input_normalization(
                     args.sg_input_normalization
                 ),
+                sg_prediction_clip=args.sg_prediction_clip,
+                kernel_initializer=args.kernel_initializer,
             )
             records.append(record)
             m = record["metrics"]

@@ -1,0 +1,316 @@
+"""`prediction_clip`: the bound on the synthetic gradient sent below.
+
+Checked against numpy: the clipped prediction, the running norm of the
+targets it is measured against (both solvers), a skipped non-finite batch,
+the config and argument errors, and weights files saved before the running
+norm existed.
+"""
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_dni
+from keras_dni.synthetic_gradient import PREDICTION_CLIP
+
+BATCH, WIDTH = 6, 5
+
+
+def _layer(clip=PREDICTION_CLIP, solver="least_squares", shape=(None, WIDTH), **kw):
+    sg = keras_dni.SyntheticGradient(
+        solver=solver, input_normalization=None, prediction_clip=clip, **kw
+    )
+    sg.build(shape)
+    return sg
+
+
+def _backward(sg, h, upstream=None):
+    """The gradient that `sg` sends below `h`, with `upstream` from above."""
+    h = tf.constant(h)
+    with tf.GradientTape() as tape:
+        tape.watch(h)
+        out = sg(h, training=True)
+    if upstream is None:
+        upstream = np.zeros(h.shape, "float32")
+    return tape.gradient(out, h, output_gradients=tf.constant(upstream)).numpy()
+
+
+def _mean_square(targets):
+    """Mean over rows of the squared norm of each row (the last axis)."""
+    rows = np.reshape(targets, (-1, targets.shape[-1]))
+    return float(np.mean(np.sum(np.square(rows), axis=1)))
+
+
+def _set_linear_model(sg, rng, bias_scale=1.0):
+    kernel = sg._input_dense.kernel
+    value = rng.normal(size=kernel.shape).astype("float32")
+    bias = rng.normal(size=sg._input_dense.bias.shape) * bias_scale
+    bias = bias.astype("float32")
+    kernel.assign(value)
+    sg._input_dense.bias.assign(bias)
+    return value, bias
+
+
+@pytest.mark.parametrize("clip", [0.5, 3.0, None])
+def test_sent_gradient_is_the_clipped_prediction(clip):
+    rng = np.random.default_rng(0)
+    sg = _layer(clip)
+    kernel, bias = _set_linear_model(sg, rng, bias_scale=0.01)
+    mean_square = 2.0
+    sg._target_norm.mean_square.assign(mean_square)
+    # Rows of very different sizes, so that some are clipped and some not.
+    scales = np.array([[0.01], [0.1], [1.0], [3.0], [10.0], [0.3]], "float32")
+    h = rng.normal(size=(BATCH, WIDTH)).astype("float32") * scales
+    prediction = h @ kernel + bias
+    expected = prediction
+    if clip is not None:
+        norms = np.linalg.norm(prediction, axis=1, keepdims=True)
+        factor = np.minimum(1.0, clip * np.sqrt(mean_square) / norms)
+        assert (factor < 1.0).any() and (factor == 1.0).any()
+        expected = prediction * factor
+    # Without a training context the gradient sent is prediction / batch.
+    sent = _backward(sg, h) * BATCH
+    np.testing.assert_allclose(sent, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_no_clip_before_the_first_target():
+    rng = np.random.default_rng(1)
+    sg = _layer(1e-6)
+    kernel, bias = _set_linear_model(sg, rng)
+    h = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+    np.testing.assert_allclose(
+        _backward(sg, h) * BATCH, h @ kernel + bias, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_clip_is_per_position_over_channels_first_channels():
+    rng = np.random.default_rng(2)
+    channels = 3
+    sg = _layer(0.7, shape=(None, channels, 2, 2), data_format="channels_first")
+    kernel, bias = _set_linear_model(sg, rng)
+    mean_square = 0.5
+    sg._target_norm.mean_square.assign(mean_square)
+    h = rng.normal(size=(2, channels, 2, 2)).astype("float32")
+    h[0, :, 0, 0] *= 0.01  # one position well inside the bound
+    prediction = np.einsum("bchw,cd->bdhw", h, kernel[0, 0]) + bias[None, :, None, None]
+    norms = np.linalg.norm(prediction, axis=1, keepdims=True)
+    expected = prediction * np.minimum(1.0, 0.7 * np.sqrt(mean_square) / norms)
+    np.testing.assert_allclose(_backward(sg, h) * 2, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_target_norm_follows_the_least_squares_window():
+    rng = np.random.default_rng(3)
+    sg = _layer(solver_decay=0.75)
+    h = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+    features = sg.least_squares_features(h)
+    expected = None
+    for scale in (1.0, 3.0, 0.5):
+        target = (rng.normal(size=(BATCH, WIDTH)) * scale).astype("float32")
+        sg.fit_least_squares(features, target, 1.0)
+        batch = _mean_square(target)
+        # The first batch sets it; then the solver's decay.
+        expected = batch if expected is None else 0.75 * expected + 0.25 * batch
+        np.testing.assert_allclose(
+            sg._target_norm.mean_square.numpy(), expected, rtol=1e-5
+        )
+
+
+def test_skipped_non_finite_batch_changes_nothing():
+    rng = np.random.default_rng(4)
+    sg = _layer(solver_decay=0.5)
+    h = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+    features = sg.least_squares_features(h)
+    sg.fit_least_squares(features, rng.normal(size=(BATCH, WIDTH)), 1.0)
+    before = [v.numpy().copy() for v in sg.weights]
+    bad = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+    bad[0, 0] = np.inf
+    bad[1, 2] = np.nan
+    sg.fit_least_squares(features, bad, 0.0)
+    for old, variable in zip(before, sg.weights):
+        np.testing.assert_array_equal(variable.numpy(), old, err_msg=variable.path)
+
+
+def test_gradient_solver_tracks_its_targets():
+    rng = np.random.default_rng(5)
+    sg = _layer(solver="gradient")
+    h = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+    expected = None
+    for _ in range(2):
+        upstream = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+        _backward(sg, h, upstream)
+        # The per-example target is the incoming gradient times the batch.
+        batch = _mean_square(upstream * BATCH)
+        # `solver_decay="auto"`'s window: 1 - rows / (2 * (WIDTH + 1)).
+        decay = 1.0 - BATCH / (2.0 * (WIDTH + 1))
+        expected = batch if expected is None else decay * expected + (1 - decay) * batch
+        np.testing.assert_allclose(
+            sg._target_norm.mean_square.numpy(), expected, rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("schedule", ["locked", "unlocked", "pipelined"])
+@pytest.mark.parametrize("solver", ["least_squares", "gradient"])
+def test_every_schedule_tracks_the_targets(schedule, solver):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = rng.integers(0, 3, size=32)
+    keras.utils.set_random_seed(0)
+    model = keras_dni.DNISequential(
+        [
+            keras.Input((4,)),
+            keras_dni.DNIDense(8, activation="relu", sg_solver=solver, name="a"),
+            keras_dni.DNIDense(8, activation="relu", sg_solver=solver, name="b"),
+            keras.layers.Dense(3),
+        ]
+    )
+    model.compile(
+        "adam",
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        schedule=schedule,
+    )
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    for name in ("a", "b"):
+        value = model.get_layer(name).synthetic_gradient._target_norm.mean_square
+        assert np.isfinite(value.numpy()) and value.numpy() > 0.0
+
+
+def test_config_round_trip():
+    layer = keras_dni.DNIDense(4, sg_prediction_clip=1.5)
+    config = layer.get_config()
+    assert config["sg_prediction_clip"] == 1.5
+    again = keras_dni.DNIDense.from_config(config)
+    assert again.synthetic_gradient.prediction_clip == 1.5
+    config["sg_prediction_clip"] = None
+    off = keras_dni.DNIDense.from_config(config)
+    assert off.synthetic_gradient.prediction_clip is None
+    # A config saved before `prediction_clip` existed gets the default.
+    del config["sg_prediction_clip"]
+    old = keras_dni.DNIDense.from_config(config)
+    assert old.synthetic_gradient.prediction_clip == PREDICTION_CLIP
+    conv = keras_dni.DNIConv2D(2, 3, sg_prediction_clip=None)
+    restored = keras_dni.DNIConv2D.from_config(conv.get_config())
+    assert restored.synthetic_gradient.prediction_clip is None
+    sg = keras_dni.SyntheticGradient(prediction_clip=2)
+    assert keras_dni.SyntheticGradient.from_config(sg.get_config()).prediction_clip == 2
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)]
+    )
+    converted = keras_dni.apply_dni(model, sg_prediction_clip=0.5)
+    assert converted.layers[0].synthetic_gradient.prediction_clip == 0.5
+
+
+@pytest.mark.parametrize(
+    "value, error",
+    [
+        (0.0, ValueError),
+        (-1, ValueError),
+        (float("inf"), ValueError),
+        ("big", TypeError),
+        (True, TypeError),
+    ],
+)
+def test_argument_errors(value, error):
+    with pytest.raises(error, match=f"Received: prediction_clip={value!r}"):
+        keras_dni.SyntheticGradient(prediction_clip=value)
+    with pytest.raises(error, match=f"Received: sg_prediction_clip={value!r}"):
+        keras_dni.DNIDense(4, sg_prediction_clip=value)
+
+
+def test_weights_saved_without_the_target_norm_still_load(tmp_path):
+    def build():
+        keras.utils.set_random_seed(0)
+        model = keras_dni.DNISequential(
+            [
+                keras.Input((4,)),
+                keras_dni.DNIDense(8, activation="relu", name="d"),
+                keras.layers.Dense(2),
+            ]
+        )
+        model.compile("adam", "mse")
+        return model
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    y = rng.normal(size=(16, 2)).astype("float32")
+    model = build()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    path = str(tmp_path / "model.weights.h5")
+    model.save_weights(path)
+    # As a file written before `prediction_clip` existed: no target norm.
+    with h5py.File(path, "r+") as f:
+        names = []
+        f.visit(
+            lambda name: names.append(name) if name.endswith("target_norm") else None
+        )
+        assert names
+        for name in names:
+            del f[name]
+    fresh = build()
+    fresh.load_weights(path)
+    for saved, loaded in zip(model.weights, fresh.weights):
+        if "target_norm" in saved.path:
+            assert loaded.numpy() == 0.0
+        else:
+            np.testing.assert_array_equal(
+                loaded.numpy(), saved.numpy(), err_msg=saved.path
+            )
+
+
+@pytest.mark.parametrize("schedule", ["locked", "unlocked", "pipelined"])
+def test_every_schedule_updates_from_the_clipped_prediction(schedule):
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(BATCH, 4)).astype("float32")
+    y = rng.normal(size=(BATCH, 2)).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras_dni.DNISequential(
+        [
+            keras.Input((4,)),
+            keras_dni.DNIDense(
+                WIDTH,
+                name="d",
+                sg_solver="gradient",
+                sg_input_normalization=None,
+                sg_prediction_clip=0.5,
+            ),
+            keras.layers.Dense(2),
+        ]
+    )
+    learning_rate = 0.1
+    model.compile(keras.optimizers.SGD(learning_rate), "mse", schedule=schedule)
+    layer = model.get_layer("d")
+    kernel, bias = _set_linear_model(layer.synthetic_gradient, rng)
+    layer.synthetic_gradient._target_norm.mean_square.assign(1.0)
+    w0, b0 = layer.kernel.numpy().copy(), layer.bias.numpy().copy()
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    # The first stage updates at once from the clipped M(h), by hand:
+    prediction = (x @ w0 + b0) @ kernel + bias
+    norms = np.linalg.norm(prediction, axis=1, keepdims=True)
+    clipped = prediction * np.minimum(1.0, 0.5 / norms)
+    assert (norms > 0.5).any()
+    np.testing.assert_allclose(
+        layer.kernel.numpy(),
+        w0 - learning_rate * x.T @ clipped / BATCH,
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        layer.bias.numpy(),
+        b0 - learning_rate * clipped.mean(axis=0),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+def test_sent_gradient_is_what_a_step_sends():
+    rng = np.random.default_rng(9)
+    sg = _layer(0.8)
+    _set_linear_model(sg, rng)
+    sg._target_norm.mean_square.assign(1.5)
+    h = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+    sent = sg.sent_gradient(h).numpy()
+    unclipped = sg.predict_gradient(h).numpy()
+    assert (np.linalg.norm(sent, axis=1) < np.linalg.norm(unclipped, axis=1)).any()
+    # (The step then refits M, after using it.)
+    np.testing.assert_allclose(_backward(sg, h) * BATCH, sent, rtol=1e-5, atol=1e-6)
