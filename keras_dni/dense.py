@@ -74,7 +74,7 @@ class DNIDense(keras.layers.Dense):
             (see `SyntheticGradient`'s `solver_ridge`).
         sg_prediction_clip: positive float or `None`, the bound on the
             synthetic gradient's norm relative to the recent targets' (see
-            `SyntheticGradient`'s `prediction_clip`).
+            `SyntheticGradient`'s `prediction_clip`; with SGD, pass 1.0).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:

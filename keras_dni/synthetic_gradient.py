@@ -282,7 +282,10 @@ class SyntheticGradient(keras.layers.Layer):
             prediction as it is. Without it, deep cDNI networks that had
             converged sometimes diverged late in training: a small drift
             of the loss made the lower gradient models' predictions grow
-            several-fold from layer to layer (see `docs/depth.md`).
+            several-fold from layer to layer (see `docs/depth.md`). The
+            default was chosen with Adam; with SGD and momentum at rates
+            above 0.01, 3.0 let 6-layer cDNI end in NaN where 1.0 held
+            (`docs/depth.md`, "SGD with momentum"): pass 1.0 there.
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     **Which `M` for which `h`.** `M` follows the rank of `h`:

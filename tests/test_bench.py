@@ -260,6 +260,7 @@ def test_smoke_copy(tmp_path, start_length, jobs, capsys):
             "sg_learning_rate": 1e-3,
             "sg_input_normalization": None,
             "max_length": 64,
+            "sg_prediction_clip": 1.0,  # DNIRNN's default, recorded
         }
         assert 0 <= record["metrics"]["max_length"] <= 64
     printed = capsys.readouterr().out

@@ -314,3 +314,81 @@ def test_sent_gradient_is_what_a_step_sends():
     assert (np.linalg.norm(sent, axis=1) < np.linalg.norm(unclipped, axis=1)).any()
     # (The step then refits M, after using it.)
     np.testing.assert_allclose(_backward(sg, h) * BATCH, sent, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ DNIRNN
+def _clip_rows(prediction, mean_square, clip):
+    """numpy: each row scaled down to at most `clip * sqrt(mean_square)`."""
+    norm = np.linalg.norm(prediction, axis=-1, keepdims=True)
+    limit = clip * np.sqrt(mean_square)
+    return prediction * np.minimum(1.0, limit / np.maximum(norm, 1e-30))
+
+
+def _rnn_states(x, kernel, recurrent_kernel, bias):
+    """`keras.layers.SimpleRNNCell` (tanh) unrolled in numpy, from zeros."""
+    h = np.zeros((x.shape[0], recurrent_kernel.shape[0]))
+    states = []
+    for t in range(x.shape[1]):
+        h = np.tanh(x[:, t] @ kernel + h @ recurrent_kernel + bias)
+        states.append(h)
+    return states
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_dnirnn_sends_the_clipped_prediction(stateful):
+    """Inner border: clip(M(s))/B; a stream's last state: gamma clip(M(s))/B."""
+    batch, length, features, units, clip, gamma = 4, 4, 3, 5, 0.7, 0.5
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(batch, length, features)).astype("float32")
+    r = rng.normal(size=(batch, length, units)).astype("float32")
+    layer = keras_dni.DNIRNN(
+        keras.layers.SimpleRNNCell(units),
+        truncation=2,
+        return_sequences=True,
+        stateful=stateful,
+        stream_discount=gamma,
+        sg_prediction_clip=clip,
+    )
+    layer.build((batch, length, features))
+    sg = layer.synthetic_gradient
+    assert sg.prediction_clip == clip
+    dense = sg._input_dense
+    m_kernel = rng.normal(size=dense.kernel.shape).astype("float32")
+    m_bias = rng.normal(size=dense.bias.shape).astype("float32")
+    dense.kernel.assign(m_kernel)
+    dense.bias.assign(m_bias)
+    weights = [w.numpy() for w in (layer.cell.kernel, layer.cell.recurrent_kernel)]
+    weights.append(layer.cell.bias.numpy())
+    states = _rnn_states(x.astype("float64"), *weights)
+    border, end = states[1], states[3]
+    predictions = [s @ m_kernel + m_bias for s in (border, end)]
+    # The bound between the border's rows' norms: two are clipped, two not.
+    norms = np.linalg.norm(predictions[0], axis=-1)
+    mean_square = float(np.median(norms) / clip) ** 2
+    sg.record_targets(np.full((batch, units), np.sqrt(mean_square / units)))
+    np.testing.assert_allclose(sg._target_norm.mean_square, mean_square, rtol=1e-5)
+
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        loss = tf.reduce_mean(layer(xt, training=True) * r)
+    got = tape.gradient(loss, xt).numpy()
+
+    sent = [_clip_rows(p, mean_square, clip) / batch for p in predictions]
+    change = np.abs(sent[0] * batch - predictions[0]).max(-1)
+    assert (change > 1e-3).sum() == 2 and (change < 1e-9).sum() == 2
+    kernel, recurrent_kernel, bias = (tf.constant(w, tf.float64) for w in weights)
+    x64 = tf.constant(x.astype("float64"))
+    with tf.GradientTape() as tape:
+        tape.watch(x64)
+        h = tf.zeros((batch, units), tf.float64)
+        hand = 0.0
+        for t in range(length):
+            if t == 2:  # the border: M's clipped prediction, no true gradient
+                hand += tf.reduce_sum(h * sent[0])
+                h = tf.stop_gradient(h)
+            h = tf.tanh(x64[:, t] @ kernel + h @ recurrent_kernel + bias)
+            hand += tf.reduce_sum(h * r[:, t]) / (batch * length * units)
+        if stateful:
+            hand += tf.reduce_sum(h * gamma * sent[1])
+    np.testing.assert_allclose(got, tape.gradient(hand, x64), rtol=1e-4, atol=1e-6)

@@ -268,6 +268,8 @@ def test_stateful_carries_state_and_synthetic_gradient_across_batches(discount):
         stateful=True,
         return_sequences=True,
         stream_discount=discount,
+        # The unbounded reference; test_prediction_clip.py checks the clip.
+        sg_prediction_clip=None,
     )
     layer.build((B, 3, D_IN))
     m_kernel, m_bias = set_random_gradient_model(layer.synthetic_gradient)
@@ -421,6 +423,8 @@ def test_get_config_has_every_constructor_argument():
         ({"aux": 1}, TypeError, "`aux`, expected a bool"),
         ({"aux_weight": -1.0}, ValueError, "`aux_weight`.*aux_weight=-1.0"),
         ({"aux_weight": None}, TypeError, "aux_weight=None"),
+        ({"sg_prediction_clip": 0.0}, ValueError, "sg_prediction_clip=0.0"),
+        ({"sg_prediction_clip": "1"}, TypeError, "sg_prediction_clip='1'"),
         (
             {"aux": True, "synthetic_gradient": False},
             ValueError,

@@ -9,6 +9,7 @@ from helpers import set_random_gradient_model
 from keras_dni.benchmarks import charlm
 from keras_dni.benchmarks import streams
 from keras_dni.recurrent import DNIRNN
+from keras_dni.recurrent import RECURRENT_PREDICTION_CLIP
 
 B, L, D_IN, UNITS = 4, 7, 3, 5
 
@@ -385,6 +386,15 @@ def test_cli_smoke_charlm(tmp_path):
     assert record["task"] == "charlm" and record["method"] == "dni-aux"
     assert record["truncation"] == record["config"]["truncation"] == 2
     assert np.isfinite(record["metrics"]["test_bpc"])
+    # The record names the clip used: DNIRNN's default, or the option's.
+    assert record["config"]["sg_prediction_clip"] == RECURRENT_PREDICTION_CLIP == 1.0
+    cli.main(
+        ["charlm", "--sg-prediction-clip", "none", "--out", out + "/none"]
+        + common[:-2]
+        + ["--methods", "dni"]
+    )
+    (record,) = json.load(open(f"{out}/none/results.json"))
+    assert record["config"]["sg_prediction_clip"] is None
 
 
 def test_cli_smoke_copy_stream(tmp_path):

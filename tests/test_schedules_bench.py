@@ -55,6 +55,21 @@ def test_schedules_task_smoke(tmp_path, capsys):
     assert "| batch | stages | method |" in table
     assert "| 16 | 2 | unlocked |" in table
     assert "peak RSS above inference" in capsys.readouterr().out
+    # The default: least squares for the linear gradient models.
+    assert [r["config"]["sg_solver"] for r in records] == [
+        None,
+        "least_squares",
+        "least_squares",
+    ]
+
+
+def test_schedules_task_passes_the_solver(tmp_path):
+    argv = ["schedules", "--small", "--methods", "dni", "--stages", "2"]
+    argv += ["--batch-sizes", "16", "--sg-solver", "gradient", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    with open(os.path.join(tmp_path, "results.json")) as f:
+        records = json.load(f)
+    assert [r["config"]["sg_solver"] for r in records] == ["gradient", "gradient"]
 
 
 def test_schedules_rejects_a_stage_count_that_does_not_divide_the_depth(tmp_path):

@@ -21,6 +21,7 @@ import tensorflow as tf
 from keras_dni.benchmarks.streams import check_method
 from keras_dni.models import default_sg_optimizer
 from keras_dni.recurrent import DNIRNN
+from keras_dni.recurrent import RECURRENT_PREDICTION_CLIP
 
 
 def load_text():
@@ -108,6 +109,7 @@ def build_charlm_model(
     aux_weight=1.0,
     sg_states="auto",
     sg_input_normalization=None,
+    sg_prediction_clip=RECURRENT_PREDICTION_CLIP,
 ):
     """Embedding, a stateful LSTM (`DNIRNN`) and a softmax read-out (logits)."""
     _, (synthetic_gradient, aux) = check_method(method)
@@ -126,6 +128,7 @@ def build_charlm_model(
                 aux_weight=aux_weight,
                 sg_states=sg_states,
                 sg_input_normalization=sg_input_normalization,
+                sg_prediction_clip=sg_prediction_clip,
                 name="rnn",
             ),
             keras.layers.Dense(vocab_size, name="readout"),
@@ -191,6 +194,7 @@ def run_charlm(
     aux_weight=1.0,
     sg_states="auto",
     sg_input_normalization=None,
+    sg_prediction_clip=RECURRENT_PREDICTION_CLIP,
     eval_every=500,
     patience=4,
     eval_window=100,
@@ -210,8 +214,8 @@ def run_charlm(
         batch_size: parallel streams.
         learning_rate, sg_learning_rate: Adam learning rates of the network
             and of `M`.
-        stream_discount, aux_weight, sg_states, sg_input_normalization:
-            passed to `DNIRNN`.
+        stream_discount, aux_weight, sg_states, sg_input_normalization,
+            sg_prediction_clip: passed to `DNIRNN`.
         eval_every: steps between validation measurements.
         patience: validation measurements without improvement before
             stopping.
@@ -253,6 +257,7 @@ def run_charlm(
         aux_weight=aux_weight,
         sg_states=sg_states,
         sg_input_normalization=sg_input_normalization,
+        sg_prediction_clip=sg_prediction_clip,
     )
     rnn = model.get_layer("rnn")
     sg_vars = rnn.synthetic_gradient.trainable_variables if synthetic_gradient else []

@@ -207,7 +207,8 @@ def make_parser():
         "--sg-solver",
         default="auto",
         choices=["auto", "least_squares", "gradient"],
-        help="MLP, CNN and timing tasks: the DNI layers' `sg_solver` (default auto: "
+        help="MLP, CNN, timing and schedules tasks: the DNI layers' `sg_solver` "
+        "(default auto: "
         "least squares for the linear gradient models; 'gradient': "
         "sg_optimizer=Adam(1e-3), the default before least squares)",
     )
@@ -215,9 +216,10 @@ def make_parser():
         "--sg-prediction-clip",
         type=runs.prediction_clip_value,
         default="default",
-        help="MLP and CNN tasks: the DNI layers' `sg_prediction_clip`, a "
-        "float or 'none' (default: the library's, 3.0; 'none': the "
-        "default before 2026-11-28)",
+        help="the DNI layers' `sg_prediction_clip`, a float or 'none' "
+        "(default: the library's: 3.0 for the MLP and CNN tasks, 1.0 for "
+        "DNIRNN in copy, repeat-copy and charlm; 'none': the default "
+        "before 2026-11-28)",
     )
     parser.add_argument(
         "--kernel-initializer",

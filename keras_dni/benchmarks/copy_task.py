@@ -24,6 +24,7 @@ import tensorflow as tf
 from keras_dni import validation
 from keras_dni.models import default_sg_optimizer
 from keras_dni.recurrent import DNIRNN
+from keras_dni.recurrent import RECURRENT_PREDICTION_CLIP
 
 DEFAULT_BITS = 8
 DEFAULT_THRESHOLD = 0.15
@@ -112,6 +113,7 @@ def build_copy_model(
     sg_input_normalization=None,
     sg_hidden_units=(),
     aux=False,
+    sg_prediction_clip=RECURRENT_PREDICTION_CLIP,
 ):
     """An LSTM (`DNIRNN`) with a linear read-out of `bits` logits per step."""
     return keras.Sequential(
@@ -125,6 +127,7 @@ def build_copy_model(
                 sg_input_normalization=sg_input_normalization,
                 sg_hidden_units=sg_hidden_units,
                 aux=aux,
+                sg_prediction_clip=sg_prediction_clip,
                 name="rnn",
             ),
             keras.layers.Dense(bits, name="readout"),
@@ -148,6 +151,7 @@ def run_copy_task(
     sg_input_normalization=None,
     sg_hidden_units=(),
     aux=False,
+    sg_prediction_clip=RECURRENT_PREDICTION_CLIP,
     verbose=False,
 ):
     """Trains an LSTM on the copy task with a curriculum on `N`.
@@ -181,8 +185,9 @@ def run_copy_task(
             chunk, so that stage trains both methods with full backprop; at
             `truncation=3`, starting at `N = 1` left DNI unable to learn
             `N = 3` (see the README, whose recurrent table uses `"auto"`).
-        sg_input_normalization, sg_hidden_units, aux: passed to `DNIRNN`
-            (`aux=True`: DNI + Aux; needs `synthetic_gradient=True`).
+        sg_input_normalization, sg_hidden_units, aux, sg_prediction_clip:
+            passed to `DNIRNN` (`aux=True`: DNI + Aux; needs
+            `synthetic_gradient=True`).
         verbose: print each curriculum step.
 
     Returns:
@@ -222,6 +227,7 @@ def run_copy_task(
         sg_input_normalization=sg_input_normalization,
         sg_hidden_units=sg_hidden_units,
         aux=aux,
+        sg_prediction_clip=sg_prediction_clip,
     )
     rnn = model.get_layer("rnn")
     sg_vars = rnn.synthetic_gradient.trainable_variables if synthetic_gradient else []

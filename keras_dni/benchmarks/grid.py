@@ -27,7 +27,9 @@ with every hidden kernel initialised by `"glorot_uniform"` (`DNIDense`'s
 `"auto"` picks `"he_normal"` for ReLU layers); `dni-before-clip` and
 `cdni-before-clip`, the defaults before 2026-11-28: `"glorot_uniform"`
 kernels and no bound on the synthetic gradient
-(`sg_prediction_clip=None`), which the older records used.
+(`sg_prediction_clip=None`), which the older records used;
+`dni-clip1` and `cdni-clip1`, the defaults with the tighter bound
+`sg_prediction_clip=1.0` (what the docs advise with SGD).
 
 Cells marked `held_out` were never used to choose a default or a budget:
 they are there to check that what holds on the others holds elsewhere.
@@ -56,10 +58,13 @@ GRID_METHODS = (
     "cdni-glorot",
     "dni-before-clip",
     "cdni-before-clip",
+    "dni-clip1",
+    "cdni-clip1",
 )
 _HE = {"kernel_initializer": "he_normal"}
 _GLOROT = {"kernel_initializer": "glorot_uniform"}
 _NO_CLIP = {"sg_prediction_clip": None}
+_CLIP1 = {"sg_prediction_clip": 1.0}
 # Grid method -> (bench method, hidden layers that are DNI layers or None for
 # all, extra DNIDense arguments, extra arguments of every hidden layer).
 _METHOD_SETUP = {
@@ -77,6 +82,8 @@ _METHOD_SETUP = {
     "cdni-glorot": ("cdni", None, {}, _GLOROT),
     "dni-before-clip": ("dni", None, _NO_CLIP, _GLOROT),
     "cdni-before-clip": ("cdni", None, _NO_CLIP, _GLOROT),
+    "dni-clip1": ("dni", None, _CLIP1, {}),
+    "cdni-clip1": ("cdni", None, _CLIP1, {}),
 }
 
 

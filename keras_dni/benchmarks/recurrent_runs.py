@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from keras_dni.benchmarks import runs
+
 # Tasks whose methods are those of `streams.RECURRENT_METHODS`.
 RECURRENT_TASKS = ("copy", "repeat-copy", "charlm")
 METHOD_NAMES = ("bptt", "dni", "dni-aux", "backprop")  # backprop = bptt
@@ -105,6 +107,7 @@ def stream_runs(task, args, methods):
             "sg_learning_rate": args.sg_learning_rate,
             "stream_discount": args.stream_discount,
             "sg_states": args.sg_states,
+            "sg_prediction_clip": runs.recurrent_prediction_clip(args),
             "aux_weight": args.aux_weight,
             "log_every": max(steps // 20, 1),
         }
@@ -126,6 +129,7 @@ def stream_runs(task, args, methods):
                 "sg_learning_rate",
                 "stream_discount",
                 "sg_states",
+                "sg_prediction_clip",
                 "aux_weight",
             )
         }
@@ -184,6 +188,7 @@ def charlm_runs(task, args, methods):
             "sg_learning_rate": args.sg_learning_rate,
             "stream_discount": args.stream_discount,
             "sg_states": args.sg_states,
+            "sg_prediction_clip": runs.recurrent_prediction_clip(args),
             "aux_weight": args.aux_weight,
             "eval_every": args.eval_every or (10 if args.small else 250),
             "patience": args.patience,
@@ -206,6 +211,7 @@ def charlm_runs(task, args, methods):
                 "sg_learning_rate",
                 "stream_discount",
                 "sg_states",
+                "sg_prediction_clip",
                 "aux_weight",
                 "eval_every",
                 "patience",

@@ -327,6 +327,7 @@ def run_copy(args, methods):
             "sg_input_normalization": norm,
             "start_length": args.start_length,
             "max_length": COPY_MAX_LENGTH,
+            "sg_prediction_clip": recurrent_prediction_clip(args),
         }
         for t in reversed(truncations)
         for seed in range(args.seeds)
@@ -346,6 +347,7 @@ def run_copy(args, methods):
                 "sg_learning_rate",
                 "sg_input_normalization",
                 "max_length",
+                "sg_prediction_clip",
             )
         }
         records.append(
@@ -399,6 +401,14 @@ def prediction_clip_value(value):
     if value in ("default", "none"):
         return None if value == "none" else value
     return float(value)
+
+
+def recurrent_prediction_clip(args):
+    """`DNIRNN`'s `sg_prediction_clip` for the CLI's `--sg-prediction-clip`."""
+    from keras_dni.recurrent import RECURRENT_PREDICTION_CLIP
+
+    clip = args.sg_prediction_clip
+    return RECURRENT_PREDICTION_CLIP if clip == "default" else clip
 
 
 def sg_input_normalization(value):

@@ -148,7 +148,8 @@ def _tf_memory(tf):
 def measure(config):
     """One configuration, in this process; returns its metrics (a dict).
 
-    `config`: `method`, `batch_size`, `depth`, `width`, `stages`, `steps`.
+    `config`: `method`, `batch_size`, `depth`, `width`, `stages`, `steps`
+    and optionally `sg_solver` (default `"auto"`).
     Meant to run in a fresh process (`run_schedules` spawns one each).
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -160,7 +161,13 @@ def measure(config):
     method, batch = config["method"], config["batch_size"]
     x, dataset = repeated_batch(batch)
 
-    model, dni = _build(method, config["depth"], config["width"], config["stages"])
+    model, dni = _build(
+        method,
+        config["depth"],
+        config["width"],
+        config["stages"],
+        sg_solver=config.get("sg_solver", "auto"),
+    )
     compile_kwargs = {}
     if method != "backprop":
         compile_kwargs["schedule"] = method
@@ -276,6 +283,7 @@ def run_schedules(
     width=1024,
     steps=5,
     jobs=1,
+    sg_solver="auto",
 ):
     """`measure` per configuration, each in a fresh spawned process.
 
@@ -298,6 +306,7 @@ def run_schedules(
                         "width": width,
                         "stages": stages,
                         "steps": steps,
+                        "sg_solver": sg_solver,
                     }
                 )
     context = multiprocessing.get_context("spawn")
@@ -365,6 +374,7 @@ def schedules_runs(task, args, methods):
         width=width,
         steps=steps,
         jobs=args.jobs,
+        sg_solver=args.sg_solver,
     )
 
 

@@ -27,6 +27,7 @@ from keras_dni.benchmarks.copy_task import DEFAULT_BITS
 from keras_dni.benchmarks.copy_task import DEFAULT_THRESHOLD
 from keras_dni.models import default_sg_optimizer
 from keras_dni.recurrent import DNIRNN
+from keras_dni.recurrent import RECURRENT_PREDICTION_CLIP
 
 # The methods of the recurrent tasks, and what each means for `DNIRNN`:
 # (synthetic_gradient, aux).
@@ -238,6 +239,7 @@ def build_stream_model(
     stream_discount=0.5,
     aux_weight=1.0,
     sg_input_normalization=None,
+    sg_prediction_clip=RECURRENT_PREDICTION_CLIP,
     sg_states="auto",
 ):
     """A stateful LSTM (`DNIRNN`) with a linear read-out of `bits + 1` logits."""
@@ -255,6 +257,7 @@ def build_stream_model(
                 aux=aux,
                 aux_weight=aux_weight,
                 sg_input_normalization=sg_input_normalization,
+                sg_prediction_clip=sg_prediction_clip,
                 sg_states=sg_states,
                 name="rnn",
             ),
@@ -281,6 +284,7 @@ def run_stream_task(
     stages=None,
     bits=DEFAULT_BITS,
     sg_input_normalization=None,
+    sg_prediction_clip=RECURRENT_PREDICTION_CLIP,
     sg_states="auto",
     log_every=0,
     verbose=False,
@@ -309,8 +313,8 @@ def run_stream_task(
             `copy_task.run_copy_task`.
         threshold: bits per scored step below which a stage is solved.
         window: training steps per curriculum decision.
-        stream_discount, aux_weight, sg_input_normalization, sg_states:
-            passed to `DNIRNN`.
+        stream_discount, aux_weight, sg_input_normalization,
+            sg_prediction_clip, sg_states: passed to `DNIRNN`.
         stages: the curriculum (default: `copy_curriculum()` or
             `repeat_copy_curriculum()`).
         bits: the width of a vector.
@@ -359,6 +363,7 @@ def run_stream_task(
         stream_discount=stream_discount,
         aux_weight=aux_weight,
         sg_input_normalization=sg_input_normalization,
+        sg_prediction_clip=sg_prediction_clip,
         sg_states=sg_states,
     )
     rnn = model.get_layer("rnn")
