@@ -356,6 +356,7 @@ def test_bits_per_character_against_a_hand_computation():
         (["repeat-copy", "--chunks", "0"], "--chunks must be a positive integer"),
         (["charlm", "--patience", "0"], "--patience must be a positive integer"),
         (["charlm", "--aux-weight", "-1"], "--aux-weight must be non-negative"),
+        (["charlm", "--first-seed", "-1"], "--first-seed must be non-negative"),
     ],
 )
 def test_cli_rejects_bad_stream_options(argv, message, capsys):
@@ -395,6 +396,19 @@ def test_cli_smoke_charlm(tmp_path):
     )
     (record,) = json.load(open(f"{out}/none/results.json"))
     assert record["config"]["sg_prediction_clip"] is None
+    assert record["seed"] == 0
+
+
+def test_cli_first_seed_adds_seeds(tmp_path):
+    import json
+
+    from keras_dni.benchmarks import cli
+
+    out = str(tmp_path)
+    argv = ["charlm", "--small", "--methods", "bptt", "--truncations", "2"]
+    cli.main(argv + ["--seeds", "2", "--first-seed", "3", "--out", out])
+    records = json.load(open(f"{out}/results.json"))
+    assert [r["seed"] for r in records] == [3, 4]
 
 
 def test_cli_smoke_copy_stream(tmp_path):

@@ -144,6 +144,13 @@ def make_parser():
     )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="copy, repeat-copy and charlm: the seeds are FIRST_SEED to "
+        "FIRST_SEED + SEEDS - 1 (default 0), to add seeds to a table",
+    )
+    parser.add_argument(
         "--epochs",
         type=int,
         default=None,
@@ -406,6 +413,8 @@ def main(argv=None):
         parser.error(f"--stream-discount must be in [0, 1], got {args.stream_discount}")
     if not args.aux_weight >= 0.0:
         parser.error(f"--aux-weight must be non-negative, got {args.aux_weight}")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be non-negative, got {args.first_seed}")
     for name in ("seeds", "jobs", "units", "batch_size"):
         value = getattr(args, name)
         if value <= 0:

@@ -330,7 +330,7 @@ def run_copy(args, methods):
             "sg_prediction_clip": recurrent_prediction_clip(args),
         }
         for t in reversed(truncations)
-        for seed in range(args.seeds)
+        for seed in range(args.first_seed, args.first_seed + args.seeds)
         for method in methods
     ]
     records = []
