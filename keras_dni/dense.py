@@ -48,9 +48,9 @@ class DNIDense(keras.layers.Dense):
             synthetic-gradient updates kill most units; with `he_normal`
             (and the prediction clip) cDNI MLPs of 6 and 10 ReLU layers
             train within 0.7 points of backprop with Adam. With SGD and
-            momentum at learning rates above 0.01, `"glorot_uniform"` is
-            the safer choice (`docs/depth.md`). `get_config` records the
-            initialiser chosen.
+            momentum at learning rates above 0.01, pass
+            `sg_prediction_clip=1.0` (`docs/depth.md`). `get_config`
+            records the initialiser chosen.
         sg_hidden_units: tuple of ints, hidden widths of the gradient model;
             `()` (default) gives a linear, zero-initialised model.
         sg_batch_norm: bool, batch normalisation in the gradient model's

@@ -152,9 +152,7 @@ def build(args, input_dim):
     dni = args.method != "backprop"
     normalization = runs.sg_input_normalization(args.sg_input_normalization)
     ridge = SOLVER_RIDGE if args.solver_ridge is None else args.solver_ridge
-    clip = (
-        PREDICTION_CLIP if args.prediction_clip == "default" else args.prediction_clip
-    )
+    clip = runs.resolve_prediction_clip(args.prediction_clip, PREDICTION_CLIP)
     init = {}
     if args.kernel_initializer is not None:
         init["kernel_initializer"] = args.kernel_initializer

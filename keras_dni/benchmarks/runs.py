@@ -403,12 +403,16 @@ def prediction_clip_value(value):
     return float(value)
 
 
+def resolve_prediction_clip(value, default):
+    """A parsed `prediction_clip_value`, with `"default"` replaced by `default`."""
+    return default if value == "default" else value
+
+
 def recurrent_prediction_clip(args):
     """`DNIRNN`'s `sg_prediction_clip` for the CLI's `--sg-prediction-clip`."""
     from keras_dni.recurrent import RECURRENT_PREDICTION_CLIP
 
-    clip = args.sg_prediction_clip
-    return RECURRENT_PREDICTION_CLIP if clip == "default" else clip
+    return resolve_prediction_clip(args.sg_prediction_clip, RECURRENT_PREDICTION_CLIP)
 
 
 def sg_input_normalization(value):
