@@ -65,6 +65,11 @@ class DNIConv2D(keras.layers.Conv2D):
         sg_prediction_clip: positive float or `None`, the bound on the
             synthetic gradient's norm relative to the recent targets' (see
             `SyntheticGradient`'s `prediction_clip`).
+        sg_calibration: bool (default `False`), whether the synthetic
+            gradient is scaled by how well the gradient model has predicted
+            its recent targets (see `SyntheticGradient`'s `calibration`:
+            for plain DNI in networks of 2-4 hidden layers of up to 256
+            units).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -123,6 +128,7 @@ class DNIConv2D(keras.layers.Conv2D):
         sg_solver_decay=DEFAULT_SOLVER_DECAY,
         sg_solver_ridge=SOLVER_RIDGE,
         sg_prediction_clip=PREDICTION_CLIP,
+        sg_calibration=False,
         **kwargs,
     ):
         super().__init__(
@@ -156,6 +162,7 @@ class DNIConv2D(keras.layers.Conv2D):
             sg_solver_decay,
             sg_solver_ridge,
             sg_prediction_clip,
+            sg_calibration,
             kernel_size=validation.check_optional_positive_int(
                 "sg_kernel_size", sg_kernel_size
             ),

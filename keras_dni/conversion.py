@@ -31,6 +31,7 @@ _DNI_ARGS = {
     "sg_solver_decay",
     "sg_solver_ridge",
     "sg_prediction_clip",
+    "sg_calibration",
 }
 _CONV_ONLY_ARGS = {"sg_kernel_size"}
 
@@ -73,8 +74,8 @@ def apply_dni(model, layers=None, every=None, **dni_kwargs):
         **dni_kwargs: arguments for the DNI layers: `sg_hidden_units`,
             `sg_batch_norm`, `conditional`, `label_dim`, `bp_lambda`,
             `sg_input_normalization`, `sg_solver`, `sg_solver_decay`,
-            `sg_solver_ridge`, `sg_prediction_clip`, and `sg_kernel_size`
-            (used by `DNIConv2D` only).
+            `sg_solver_ridge`, `sg_prediction_clip`, `sg_calibration`, and
+            `sg_kernel_size` (used by `DNIConv2D` only).
 
     Returns:
         A `keras_dni.DNISequential` for a Sequential `model`, a

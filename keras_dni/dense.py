@@ -75,6 +75,11 @@ class DNIDense(keras.layers.Dense):
         sg_prediction_clip: positive float or `None`, the bound on the
             synthetic gradient's norm relative to the recent targets' (see
             `SyntheticGradient`'s `prediction_clip`; with SGD, pass 1.0).
+        sg_calibration: bool (default `False`), whether the synthetic
+            gradient is scaled by how well the gradient model has predicted
+            its recent targets (see `SyntheticGradient`'s `calibration`:
+            for plain DNI in networks of 2-4 hidden layers of up to 256
+            units).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -125,6 +130,7 @@ class DNIDense(keras.layers.Dense):
         sg_solver_decay=DEFAULT_SOLVER_DECAY,
         sg_solver_ridge=SOLVER_RIDGE,
         sg_prediction_clip=PREDICTION_CLIP,
+        sg_calibration=False,
         **kwargs,
     ):
         super().__init__(
@@ -155,6 +161,7 @@ class DNIDense(keras.layers.Dense):
             sg_solver_decay,
             sg_solver_ridge,
             sg_prediction_clip,
+            sg_calibration,
         )
 
     def build(self, input_shape):

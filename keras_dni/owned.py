@@ -23,6 +23,7 @@ def owned_synthetic_gradient(
     sg_solver_decay=DEFAULT_SOLVER_DECAY,
     sg_solver_ridge=SOLVER_RIDGE,
     sg_prediction_clip=PREDICTION_CLIP,
+    sg_calibration=False,
     **extra,
 ):
     """Creates the `SyntheticGradient` child of DNI layer `owner`.
@@ -49,6 +50,7 @@ def owned_synthetic_gradient(
         prediction_clip=validation.check_positive(
             "sg_prediction_clip", sg_prediction_clip, optional=True
         ),
+        calibration=validation.check_bool("sg_calibration", sg_calibration),
         dtype=owner.dtype_policy,
         name="synthetic_gradient",
         **extra,
@@ -71,4 +73,5 @@ def owned_config(layer):
         "sg_solver_decay": layer.solver_decay,
         "sg_solver_ridge": layer.solver_ridge,
         "sg_prediction_clip": layer.prediction_clip,
+        "sg_calibration": layer.calibration,
     }

@@ -319,6 +319,8 @@ def _train_gradient_model(sg, held, incoming, mask):
     )
     target = tf.cast(incoming, tf.float32) / scale
     weight = tf.cast(mask, tf.float32)
+    # As under "locked": whether or not the stage updates, once it has data.
+    sg.record_calibration(prediction, target, tf.cast(held["valid"], tf.float32))
     if sg.least_squares:
         sg.fit_least_squares(sg.least_squares_features(h, labels), target, weight)
         return None

@@ -553,7 +553,7 @@ def _stage_pass(model, stage, index, h, x, y, sample_weight, ctx, persistent):
         sg = stage.synthetic_gradient
         prediction = _prediction(ctx.records[first_record:], sg)
         scale = _per_example_scale(out, loss_scale, replicas)
-        synthetic = tf.cast(prediction * scale, out.dtype)
+        synthetic = tf.cast(sg.calibration_factor() * prediction * scale, out.dtype)
         grads = tape.gradient(out, sources, output_gradients=synthetic)
         if regularization is not None:
             extra = tape.gradient(regularization, stage.variables)
@@ -628,6 +628,8 @@ def _train_gradient_model(counter, pending, incoming, labels):
     sg.sg_loss_tracker.update_state(value, sample_weight=1.0)
     weight = 1.0 if mask is None else tf.cast(mask, tf.float32)
     target = tf.cast(incoming, tf.float32) / scale
+    # As under "locked": whether or not the stage updates.
+    sg.record_calibration(prediction, target)
     if sg.least_squares:
         del tape
         sg.fit_least_squares(sg.least_squares_features(h, labels), target, weight)

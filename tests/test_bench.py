@@ -184,11 +184,19 @@ def test_mlp_prediction_clip_and_initializer_options(tmp_path, monkeypatch):
         (record,) = _check_records(out, "digits", ["cdni"])
         expected = "default" if not extra else clip
         assert record["config"]["sg_prediction_clip"] == expected
+        assert record["config"]["sg_calibration"] is False
         hidden = [x for x in built[-1].layers if isinstance(x, keras_dni.DNIDense)]
         assert len(hidden) == 3
         for layer in hidden:
             assert layer.synthetic_gradient.prediction_clip == clip
+            assert layer.synthetic_gradient.calibration is False
             assert isinstance(layer.kernel_initializer, init)
+    out = str(tmp_path / "calibrated")
+    assert cli.main(argv + ["--sg-calibration", "--out", out]) == 0
+    (record,) = _check_records(out, "digits", ["cdni"])
+    assert record["config"]["sg_calibration"] is True
+    hidden = [x for x in built[-1].layers if isinstance(x, keras_dni.DNIDense)]
+    assert all(layer.synthetic_gradient.calibration for layer in hidden)
     with pytest.raises(ValueError, match="kernel_initializer='he_normal'"):
         runs.run_mlp(
             "digits",

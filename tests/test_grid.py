@@ -223,3 +223,23 @@ def test_depth_probe_trace_and_prediction_clip(capsys):
     ):
         with pytest.raises(SystemExit):
             depth_probe.main(bad)
+
+
+def test_calibration_options_reach_the_layers():
+    argv = ["--method", "dni", "--depth", "3", "--width", "4"]
+    for choice, expected in (
+        (None, [False] * 3),
+        ("all", [True] * 3),
+        ("top", [False, False, True]),
+    ):
+        extra = [] if choice is None else ["--calibration", choice]
+        args = depth_probe.make_parser().parse_args(argv + extra)
+        model = depth_probe.build(args, 4)
+        got = [layer.synthetic_gradient.calibration for layer in model.layers[:3]]
+        assert got == expected, choice
+    with pytest.raises(SystemExit):
+        depth_probe.make_parser().parse_args(argv + ["--calibration", "yes"])
+    record = grid.run_cell(grid.SMALL_CELLS[0], "dni-calibrated", 0, small=True)
+    assert record["method"] == "dni-calibrated"
+    assert grid._METHOD_SETUP["cdni-calibrated"][2] == {"sg_calibration": True}
+    assert grid._METHOD_SETUP["dni"][2] == {}

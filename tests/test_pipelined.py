@@ -30,6 +30,7 @@ from test_schedules import _data
 from test_schedules import _model
 from test_schedules import _Recorder
 from test_schedules import _snapshot
+from test_schedules import _start_calibration
 
 import keras_dni
 
@@ -45,12 +46,16 @@ class PipelinedReference(Reference):
     to its input, M2 on the gradient that stage 3 sends to its input (with
     M's weights of the start of the step). A stage without a batch yet
     (the first two steps) changes nothing; so does a stage whose mask is
-    False (its network weights and the M at its output).
+    False (its network weights and the M at its output). With
+    `calibration`, stage 1 sends M1's prediction times the calibration
+    factor of the start of the step, and M1's calibration statistics take
+    in the prediction it made for the held h1 and the gradient stage 2
+    sends back for it.
     """
 
-    def __init__(self, params, solver="gradient"):
-        super().__init__(params, solver)
-        self.held1 = None  # (h1, one-hot labels) from the last step
+    def __init__(self, params, solver="gradient", calibration=False):
+        super().__init__(params, solver, calibration)
+        self.held1 = None  # (h1, one-hot labels, M1's prediction) from the last step
         self.held2 = None  # (h2, one-hot labels)
         self.loss = self.accuracy = None  # of the batch stage 3 saw
 
@@ -64,11 +69,12 @@ class PipelinedReference(Reference):
             tape.watch([c["w1"], c["b1"]])
             h1 = tf.tanh(x @ c["w1"] + c["b1"])
         p1 = self._inputs(1, h1) @ c["k1"] + c["c1"]
-        grads = tape.gradient(h1, [c["w1"], c["b1"]], output_gradients=p1 / B)
+        sent = self._factor() * p1
+        grads = tape.gradient(h1, [c["w1"], c["b1"]], output_gradients=sent / B)
         updates.append((NETWORK[1], grads, LR, masks[0]))
         new_held2 = None
         if self.held1 is not None:
-            h1_old, labels1 = self.held1
+            h1_old, labels1, p1_old = self.held1
             with tf.GradientTape() as tape:
                 tape.watch([c["w2"], c["b2"], h1_old])
                 h2 = tf.tanh(h1_old @ c["w2"] + c["b2"])
@@ -78,6 +84,7 @@ class PipelinedReference(Reference):
             )
             updates.append((NETWORK[2], grads, LR, masks[1]))
             updates.append(("gm", 1, h1_old, dh1 * B, None, masks[0]))
+            self._calibrate(p1_old, dh1 * B)  # after `_factor()` above
             new_held2 = (h2, labels1)
         if self.held2 is not None:
             h2_old, labels2 = self.held2
@@ -107,7 +114,7 @@ class PipelinedReference(Reference):
                     self._update(keys, grads, SG_LR, on)
             else:
                 self._update(*update)
-        self.held1 = (h1, onehot)
+        self.held1 = (h1, onehot, p1)
         self.held2 = new_held2
         self.t += 1
 
@@ -120,15 +127,22 @@ class PipelinedReference(Reference):
         (keras_dni.DNIModel, "gradient"),
     ],
 )
-def test_weights_and_adam_states_match_hand_written_reference(cls, solver):
+@pytest.mark.parametrize("calibration", [False, True])
+def test_weights_and_adam_states_match_hand_written_reference(cls, solver, calibration):
     steps = 5
     x, y = _data(steps)
-    model = _compile(_model(cls, solver=solver), schedule="pipelined")
-    ref = PipelinedReference(_snapshot(model), solver)
+    model = _compile(
+        _model(cls, solver=solver, calibration=calibration), schedule="pipelined"
+    )
+    ref = PipelinedReference(_snapshot(model), solver, calibration)
+    if calibration:
+        _start_calibration(model, ref)
     for s in range(steps):
         ref.step(x[s * B : (s + 1) * B], y[s * B : (s + 1) * B])
     model.fit(x, y, batch_size=B, shuffle=False, verbose=0)
     _assert_matches(model, ref, steps)
+    if calibration:  # the factor was in use, strictly inside its bounds
+        assert 0.0 < ref._factor() < 1.0, ref.calibration
 
 
 @pytest.mark.parametrize("solver", ["gradient", "least_squares"])

@@ -17,6 +17,7 @@ from helpers import set_random_gradient_model
 
 import keras_dni
 from keras_dni import schedules
+from keras_dni.synthetic_gradient import CALIBRATION_DECAY
 from keras_dni.synthetic_gradient import SOLVER_RIDGE
 
 B, D_IN, UNITS, CLASSES = 8, 4, 5, 3
@@ -24,7 +25,9 @@ LR, SG_LR = 0.01, 0.02
 BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-7
 
 
-def _model(cls=keras_dni.DNISequential, regularizer=None, solver="auto"):
+def _model(
+    cls=keras_dni.DNISequential, regularizer=None, solver="auto", calibration=False
+):
     # The reference sends M's prediction unbounded, as the paper does
     # (`prediction_clip` has its own references: test_prediction_clip.py).
     layers = [
@@ -35,6 +38,7 @@ def _model(cls=keras_dni.DNISequential, regularizer=None, solver="auto"):
             kernel_regularizer=regularizer,
             sg_solver=solver,
             sg_prediction_clip=None,
+            sg_calibration=calibration,
         ),
         keras_dni.DNIDense(
             UNITS,
@@ -68,6 +72,14 @@ def _compile(model, optimizer="adam", **kwargs):
     labels = model.get_layer("d2").synthetic_gradient._label_projection.kernel
     labels.assign(rng.normal(size=labels.shape).astype("float32") * 0.5)
     return model
+
+
+def _start_calibration(model, ref, product=0.5, energy=1.0):
+    """M1's calibration statistics at a factor of 0.5, in model and `ref`."""
+    statistics = model.get_layer("d1").synthetic_gradient._calibration
+    statistics.product.assign(product)
+    statistics.energy.assign(energy)
+    ref.calibration = (product, energy)
 
 
 def _data(steps=3):
@@ -143,15 +155,40 @@ class Reference:
     one-hot labels (M2), 1] over exponentially weighted batch moments
     (decay `1 - rows / (2 * regressors)`, clipped to [0.5, 0.999]); the
     conditional M2 then sees the raw h2 (`input_normalization="auto"`).
+
+    With `calibration`, M1 (`sg_calibration=True`) sends its prediction
+    times its calibration factor: `<s, g> / <s, s>` clipped to [0, 1], over
+    exponentially weighted past batches of its prediction `s` and target
+    `g` (whether or not its stage updates), 1 until `s` is nonzero.
     """
 
-    def __init__(self, params, solver="gradient"):
+    def __init__(self, params, solver="gradient", calibration=False):
         self.p = {k: np.asarray(v, np.float64) for k, v in params.items()}
         self.m = {k: np.zeros_like(v) for k, v in self.p.items()}
         self.v = {k: np.zeros_like(v) for k, v in self.p.items()}
         self.t = 0
         self.solver = solver
         self.moments = {1: (0.0, 0.0), 2: (0.0, 0.0)}
+        self.calibration = (0.0, 0.0)  # M1's running <s, g> and <s, s>
+        self.calibrated = calibration
+
+    def _factor(self):
+        product, energy = self.calibration
+        if not self.calibrated:
+            return 1.0
+        return 1.0 if energy <= 0.0 else float(np.clip(product / energy, 0.0, 1.0))
+
+    def _calibrate(self, prediction, target):
+        s, g = np.asarray(prediction), np.asarray(target)
+        batch_product, batch_energy = np.mean(s * g), np.mean(s * s)
+        if batch_energy <= 0.0:
+            return
+        product, energy = self.calibration
+        keep = CALIBRATION_DECAY if energy > 0.0 else 0.0
+        self.calibration = (
+            keep * product + (1 - keep) * batch_product,
+            keep * energy + (1 - keep) * batch_energy,
+        )
 
     def _inputs(self, stage, h):
         """M's input: layer-normalised, but raw for the least-squares M2."""
@@ -218,7 +255,8 @@ class Reference:
             tape.watch([c["w1"], c["b1"]])
             h1 = tf.tanh(x @ c["w1"] + c["b1"])
         p1 = self._inputs(1, h1) @ c["k1"] + c["c1"]
-        grads = tape.gradient(h1, [c["w1"], c["b1"]], output_gradients=p1 / B)
+        sent = self._factor() * p1
+        grads = tape.gradient(h1, [c["w1"], c["b1"]], output_gradients=sent / B)
         self._update(NETWORK[1], grads, LR, masks[0])
         # Stage 2: on the h1 stage 1 produced; update from M2(h2, y).
         with tf.GradientTape() as tape:
@@ -228,6 +266,7 @@ class Reference:
         *grads, dh1 = tape.gradient(h2, [c["w2"], c["b2"], h1], output_gradients=p2 / B)
         self._update(NETWORK[2], grads, LR, masks[1])
         self._train_gradient_model(1, h1, dh1 * B, None, masks[0])
+        self._calibrate(p1, dh1 * B)
         # Stage 3: the loss.
         with tf.GradientTape() as tape:
             tape.watch([c["w3"], c["b3"], h2])
@@ -277,18 +316,25 @@ def _assert_matches(model, ref, steps):
 
 
 # ----------------------------------------------------------------- tests
+@pytest.mark.parametrize("calibration", [False, True])
 @pytest.mark.parametrize("solver", ["gradient", "least_squares"])
 @pytest.mark.parametrize("schedule", ["unlocked", "locked"])
-def test_weights_and_adam_states_match_hand_written_reference(schedule, solver):
+def test_weights_and_adam_states_match_hand_written_reference(
+    schedule, solver, calibration
+):
     """Unlocked (and locked: the same updates, one pass) == the paper's
     schedule by hand; conditional M2 sees the labels of its own batch."""
     x, y = _data()
-    model = _compile(_model(solver=solver), schedule=schedule)
-    ref = Reference(_snapshot(model), solver)
+    model = _compile(_model(solver=solver, calibration=calibration), schedule=schedule)
+    ref = Reference(_snapshot(model), solver, calibration)
+    if calibration:
+        _start_calibration(model, ref)
     for s in range(3):
         ref.step(x[s * B : (s + 1) * B], y[s * B : (s + 1) * B])
     model.fit(x, y, batch_size=B, shuffle=False, verbose=0)
     _assert_matches(model, ref, 3)
+    if calibration:  # the factor was in use, strictly inside its bounds
+        assert 0.0 < ref._factor() < 1.0, ref.calibration
 
 
 def test_unlocked_equals_locked_functional_and_regularized():

@@ -229,6 +229,12 @@ def make_parser():
         "before 2026-11-28)",
     )
     parser.add_argument(
+        "--sg-calibration",
+        action="store_true",
+        help="MLP and CNN tasks: the DNI layers' `sg_calibration=True` "
+        "(the synthetic gradient scaled by how well M has predicted)",
+    )
+    parser.add_argument(
         "--kernel-initializer",
         default=None,
         help="MLP tasks: the hidden layers' `kernel_initializer` (default: "

@@ -80,6 +80,13 @@ def make_parser():
         "`keras_dni.synthetic_gradient.PREDICTION_CLIP`)",
     )
     parser.add_argument(
+        "--calibration",
+        default="none",
+        choices=["none", "all", "top"],
+        help="which gradient models get `sg_calibration=True`: none "
+        "(default), all, or only the top one (the last hidden layer's)",
+    )
+    parser.add_argument(
         "--sg-learning-rate",
         type=float,
         default=1e-3,
@@ -153,6 +160,8 @@ def build(args, input_dim):
     normalization = runs.sg_input_normalization(args.sg_input_normalization)
     ridge = SOLVER_RIDGE if args.solver_ridge is None else args.solver_ridge
     clip = runs.resolve_prediction_clip(args.prediction_clip, PREDICTION_CLIP)
+    calibrated = {"none": (), "all": range(args.depth), "top": (args.depth - 1,)}
+    calibrated = set(calibrated[args.calibration])
     init = {}
     if args.kernel_initializer is not None:
         init["kernel_initializer"] = args.kernel_initializer
@@ -172,6 +181,7 @@ def build(args, input_dim):
                         solver_decay=args.solver_decay,
                         solver_ridge=ridge,
                         prediction_clip=clip,
+                        calibration=i in calibrated,
                         input_normalization=normalization,
                         name=name,
                     )
@@ -186,6 +196,7 @@ def build(args, input_dim):
                     sg_solver_decay=args.solver_decay,
                     sg_solver_ridge=ridge,
                     sg_prediction_clip=clip,
+                    sg_calibration=i in calibrated,
                     sg_input_normalization=normalization,
                     name=name,
                     **init,

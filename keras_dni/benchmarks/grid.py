@@ -29,7 +29,9 @@ with every hidden kernel initialised by `"glorot_uniform"` (`DNIDense`'s
 kernels and no bound on the synthetic gradient
 (`sg_prediction_clip=None`), which the older records used;
 `dni-clip1` and `cdni-clip1`, the defaults with the tighter bound
-`sg_prediction_clip=1.0` (what the docs advise with SGD).
+`sg_prediction_clip=1.0` (what the docs advise with SGD);
+`dni-calibrated` and `cdni-calibrated`, the defaults with
+`sg_calibration=True`.
 
 Cells marked `held_out` were never used to choose a default or a budget:
 they are there to check that what holds on the others holds elsewhere.
@@ -60,11 +62,14 @@ GRID_METHODS = (
     "cdni-before-clip",
     "dni-clip1",
     "cdni-clip1",
+    "dni-calibrated",
+    "cdni-calibrated",
 )
 _HE = {"kernel_initializer": "he_normal"}
 _GLOROT = {"kernel_initializer": "glorot_uniform"}
 _NO_CLIP = {"sg_prediction_clip": None}
 _CLIP1 = {"sg_prediction_clip": 1.0}
+_CALIBRATED = {"sg_calibration": True}
 # Grid method -> (bench method, hidden layers that are DNI layers or None for
 # all, extra DNIDense arguments, extra arguments of every hidden layer).
 _METHOD_SETUP = {
@@ -84,6 +89,8 @@ _METHOD_SETUP = {
     "cdni-before-clip": ("cdni", None, _NO_CLIP, _GLOROT),
     "dni-clip1": ("dni", None, _CLIP1, {}),
     "cdni-clip1": ("cdni", None, _CLIP1, {}),
+    "dni-calibrated": ("dni", None, _CALIBRATED, {}),
+    "cdni-calibrated": ("cdni", None, _CALIBRATED, {}),
 }
 
 

@@ -39,11 +39,13 @@ def run_mlp(
     sg_input_normalization="auto",
     sg_prediction_clip="default",
     kernel_initializer=None,
+    sg_calibration=False,
 ):
     """Trains one model; returns a results record.
 
-    `sg_solver`, `sg_input_normalization` and `sg_prediction_clip` (a float,
-    `None`, or `"default"`: the library's) are the DNI layers';
+    `sg_solver`, `sg_input_normalization`, `sg_prediction_clip` (a float,
+    `None`, or `"default"`: the library's) and `sg_calibration` are the DNI
+    layers';
     `kernel_initializer` that of the MLP's hidden layers (`None`: the
     layers' own defaults); `schedule` and
     `update_probability` go to the DNI models' `compile` (backprop ignores
@@ -79,6 +81,8 @@ def run_mlp(
     }
     if sg_prediction_clip != "default":
         dni_kwargs["sg_prediction_clip"] = sg_prediction_clip
+    if sg_calibration:
+        dni_kwargs["sg_calibration"] = True
     if arch == "cnn":
         if kernel_initializer is not None:
             raise ValueError(
@@ -132,6 +136,7 @@ def run_mlp(
             "sg_solver": sg_solver,
             "sg_input_normalization": sg_input_normalization,
             "sg_prediction_clip": sg_prediction_clip,
+            "sg_calibration": sg_calibration,
             "kernel_initializer": kernel_initializer,
             "schedule": schedule if dni else "locked",
             "update_probability": update_probability if dni else 1.0,
@@ -442,6 +447,7 @@ def mlp_runs(task, args, methods):
                 ),
                 sg_prediction_clip=args.sg_prediction_clip,
                 kernel_initializer=args.kernel_initializer,
+                sg_calibration=args.sg_calibration,
             )
             records.append(record)
             m = record["metrics"]
