@@ -68,7 +68,7 @@ class DNIConv2D(keras.layers.Conv2D):
         sg_calibration: bool (default `False`), whether the synthetic
             gradient is scaled by how well the gradient model has predicted
             its recent targets (see `SyntheticGradient`'s `calibration`:
-            for plain DNI in networks of 2-4 hidden layers of up to 256
+            for plain DNI in networks of up to 3 hidden layers of up to 256
             units).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
