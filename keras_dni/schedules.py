@@ -553,7 +553,7 @@ def _stage_pass(model, stage, index, h, x, y, sample_weight, ctx, persistent):
         sg = stage.synthetic_gradient
         prediction = _prediction(ctx.records[first_record:], sg)
         scale = _per_example_scale(out, loss_scale, replicas)
-        synthetic = tf.cast(sg.calibration_factor() * prediction * scale, out.dtype)
+        synthetic = tf.cast(prediction * (sg.calibration_factor() * scale), out.dtype)
         grads = tape.gradient(out, sources, output_gradients=synthetic)
         if regularization is not None:
             extra = tape.gradient(regularization, stage.variables)

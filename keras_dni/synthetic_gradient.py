@@ -54,7 +54,8 @@ def _decouple(finite_check):
         def grad(dy):
             dy32 = tf.cast(dy, tf.float32)
             target = dy32 / per_example_scale
-            synthetic = factor * prediction * per_example_scale
+            # One scalar product: no extra pass over the prediction.
+            synthetic = prediction * (factor * per_example_scale)
             down = (1.0 - bp_lambda) * synthetic + bp_lambda * dy32
             error = prediction - target
             # `per_example_scale` is loss_scale / global_batch; the regression

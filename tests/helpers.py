@@ -1,10 +1,71 @@
 """Independent reference computations for the tests (numpy / GradientTape)."""
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 import keras_dni
 from keras_dni.synthetic_gradient import SOLVER_RIDGE
+
+
+def set_linear_gradient_model(sg, rng, bias_scale=1.0):
+    """Gives `sg`'s linear `M` weights drawn from `rng`; returns them."""
+    kernel = rng.normal(size=sg._input_dense.kernel.shape).astype("float32")
+    bias = rng.normal(size=sg._input_dense.bias.shape) * bias_scale
+    bias = bias.astype("float32")
+    sg._input_dense.kernel.assign(kernel)
+    sg._input_dense.bias.assign(bias)
+    return kernel, bias
+
+
+def sent_below(sg, h, upstream=None):
+    """The gradient that `sg` sends below `h`, with `upstream` from above
+    (zeros by default), in one training call outside any model."""
+    h = tf.constant(h)
+    with tf.GradientTape() as tape:
+        tape.watch(h)
+        out = sg(h, training=True)
+    if upstream is None:
+        upstream = np.zeros(h.shape, "float32")
+    return tape.gradient(out, h, output_gradients=tf.constant(upstream)).numpy()
+
+
+def one_dni_layer_model(schedule, learning_rate, units, **dni_kwargs):
+    """Input(4) -> linear DNIDense("d", `M` trained by `sg_optimizer` on the
+    raw h, `dni_kwargs`) -> Dense(2, "top"); MSE, SGD(`learning_rate`)."""
+    model = keras_dni.DNISequential(
+        [
+            keras.Input((4,)),
+            keras_dni.DNIDense(
+                units,
+                name="d",
+                sg_solver="gradient",
+                sg_input_normalization=None,
+                **dni_kwargs,
+            ),
+            keras.layers.Dense(2, name="top"),
+        ]
+    )
+    model.compile(keras.optimizers.SGD(learning_rate), "mse", schedule=schedule)
+    return model
+
+
+def assert_sgd_update(layer, w0, b0, x, sent, learning_rate):
+    """`layer` (linear, input `x`) after one SGD step from `sent`, the
+    per-example gradient at its output, by hand."""
+    batch = len(x)
+    np.testing.assert_allclose(
+        layer.kernel.numpy(),
+        w0 - learning_rate * x.T @ sent / batch,
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        layer.bias.numpy(),
+        b0 - learning_rate * sent.mean(axis=0),
+        rtol=1e-4,
+        atol=1e-6,
+    )
 
 
 def check_loads_without(model, build, path, entry):

@@ -11,8 +11,11 @@ existed.
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from helpers import assert_sgd_update
 from helpers import check_loads_without
+from helpers import one_dni_layer_model
+from helpers import sent_below
+from helpers import set_linear_gradient_model
 
 import keras_dni
 from keras_dni.synthetic_gradient import CALIBRATION_DECAY
@@ -31,23 +34,6 @@ def _layer(calibration=True):
     return sg
 
 
-def _set_linear_model(sg, rng):
-    kernel = rng.normal(size=sg._input_dense.kernel.shape).astype("float32")
-    bias = rng.normal(size=sg._input_dense.bias.shape).astype("float32")
-    sg._input_dense.kernel.assign(kernel)
-    sg._input_dense.bias.assign(bias)
-    return kernel, bias
-
-
-def _backward(sg, h, upstream):
-    """The gradient `sg` sends below `h`, with `upstream` from above."""
-    h = tf.constant(h)
-    with tf.GradientTape() as tape:
-        tape.watch(h)
-        out = sg(h, training=True)
-    return tape.gradient(out, h, output_gradients=tf.constant(upstream)).numpy()
-
-
 def _factor(product, energy):
     return 1.0 if energy <= 0.0 else float(np.clip(product / energy, 0.0, 1.0))
 
@@ -55,7 +41,7 @@ def _factor(product, energy):
 def test_factor_follows_the_predictions_and_their_targets():
     rng = np.random.default_rng(0)
     sg = _layer()
-    kernel, bias = _set_linear_model(sg, rng)
+    kernel, bias = set_linear_gradient_model(sg, rng)
     product = energy = 0.0
     # Targets a half, three times, and minus the prediction (plus noise):
     # the factor moves between the bounds of [0, 1].
@@ -64,7 +50,7 @@ def test_factor_follows_the_predictions_and_their_targets():
         prediction = h @ kernel + bias
         target = multiple * prediction + 0.1 * rng.normal(size=prediction.shape)
         # (`M` is not trained here: no optimizer step.)
-        sent = _backward(sg, h, (target / BATCH).astype("float32")) * BATCH
+        sent = sent_below(sg, h, (target / BATCH).astype("float32")) * BATCH
         # Sent: the prediction times the factor of the batches before.
         np.testing.assert_allclose(
             sent, _factor(product, energy) * prediction, rtol=1e-5, atol=1e-6
@@ -95,10 +81,10 @@ def test_zero_prediction_and_non_finite_batches_are_skipped():
     rng = np.random.default_rng(1)
     sg = _layer()  # M starts at zero: its first predictions are zero
     h = rng.normal(size=(BATCH, WIDTH)).astype("float32")
-    _backward(sg, h, rng.normal(size=(BATCH, WIDTH)).astype("float32"))
+    sent_below(sg, h, rng.normal(size=(BATCH, WIDTH)).astype("float32"))
     assert sg._calibration.energy.numpy() == 0.0
     assert sg.calibration_factor().numpy() == 1.0
-    _set_linear_model(sg, rng)
+    set_linear_gradient_model(sg, rng)
     sg._calibration.product.assign(0.2)
     sg._calibration.energy.assign(0.8)
     target = rng.normal(size=(BATCH, WIDTH)).astype("float32")
@@ -130,25 +116,13 @@ def test_every_schedule_sends_the_calibrated_prediction(schedule):
     x = rng.normal(size=(BATCH, 4)).astype("float32")
     y = rng.normal(size=(BATCH, 2)).astype("float32")
     keras.utils.set_random_seed(0)
-    model = keras_dni.DNISequential(
-        [
-            keras.Input((4,)),
-            keras_dni.DNIDense(
-                WIDTH,
-                name="d",
-                sg_solver="gradient",
-                sg_input_normalization=None,
-                sg_prediction_clip=None,
-                sg_calibration=True,
-            ),
-            keras.layers.Dense(2, name="top"),
-        ]
-    )
     learning_rate = 0.1
-    model.compile(keras.optimizers.SGD(learning_rate), "mse", schedule=schedule)
+    model = one_dni_layer_model(
+        schedule, learning_rate, WIDTH, sg_prediction_clip=None, sg_calibration=True
+    )
     layer, top = model.get_layer("d"), model.get_layer("top")
     sg = layer.synthetic_gradient
-    kernel, bias = _set_linear_model(sg, rng)
+    kernel, bias = set_linear_gradient_model(sg, rng)
     sg._calibration.product.assign(0.3)
     sg._calibration.energy.assign(1.5)
     w0, b0 = layer.kernel.numpy().copy(), layer.bias.numpy().copy()
@@ -157,16 +131,7 @@ def test_every_schedule_sends_the_calibrated_prediction(schedule):
     # The first stage updates at once from 0.2 * M(h), by hand:
     h = x @ w0 + b0
     prediction = h @ kernel + bias
-    sent = 0.2 * prediction
-    np.testing.assert_allclose(
-        layer.kernel.numpy(),
-        w0 - learning_rate * x.T @ sent / BATCH,
-        rtol=1e-4,
-        atol=1e-6,
-    )
-    np.testing.assert_allclose(
-        layer.bias.numpy(), b0 - learning_rate * sent.mean(axis=0), rtol=1e-4, atol=1e-6
-    )
+    assert_sgd_update(layer, w0, b0, x, 0.2 * prediction, learning_rate)
     if schedule == "pipelined":
         return  # the last stage sees this batch at the next step
     # The statistics take in this batch: the per-example true gradient of
@@ -188,7 +153,7 @@ def test_every_schedule_sends_the_calibrated_prediction(schedule):
 def test_sent_gradient_includes_the_factor():
     rng = np.random.default_rng(3)
     sg = _layer()
-    kernel, bias = _set_linear_model(sg, rng)
+    kernel, bias = set_linear_gradient_model(sg, rng)
     sg._calibration.product.assign(0.25)
     sg._calibration.energy.assign(1.0)
     h = rng.normal(size=(BATCH, WIDTH)).astype("float32")

@@ -10,7 +10,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import assert_sgd_update
 from helpers import check_loads_without
+from helpers import one_dni_layer_model
+from helpers import sent_below
+from helpers import set_linear_gradient_model
 
 import keras_dni
 from keras_dni.synthetic_gradient import PREDICTION_CLIP
@@ -26,38 +30,17 @@ def _layer(clip=PREDICTION_CLIP, solver="least_squares", shape=(None, WIDTH), **
     return sg
 
 
-def _backward(sg, h, upstream=None):
-    """The gradient that `sg` sends below `h`, with `upstream` from above."""
-    h = tf.constant(h)
-    with tf.GradientTape() as tape:
-        tape.watch(h)
-        out = sg(h, training=True)
-    if upstream is None:
-        upstream = np.zeros(h.shape, "float32")
-    return tape.gradient(out, h, output_gradients=tf.constant(upstream)).numpy()
-
-
 def _mean_square(targets):
     """Mean over rows of the squared norm of each row (the last axis)."""
     rows = np.reshape(targets, (-1, targets.shape[-1]))
     return float(np.mean(np.sum(np.square(rows), axis=1)))
 
 
-def _set_linear_model(sg, rng, bias_scale=1.0):
-    kernel = sg._input_dense.kernel
-    value = rng.normal(size=kernel.shape).astype("float32")
-    bias = rng.normal(size=sg._input_dense.bias.shape) * bias_scale
-    bias = bias.astype("float32")
-    kernel.assign(value)
-    sg._input_dense.bias.assign(bias)
-    return value, bias
-
-
 @pytest.mark.parametrize("clip", [0.5, 3.0, None])
 def test_sent_gradient_is_the_clipped_prediction(clip):
     rng = np.random.default_rng(0)
     sg = _layer(clip)
-    kernel, bias = _set_linear_model(sg, rng, bias_scale=0.01)
+    kernel, bias = set_linear_gradient_model(sg, rng, bias_scale=0.01)
     mean_square = 2.0
     sg._target_norm.mean_square.assign(mean_square)
     # Rows of very different sizes, so that some are clipped and some not.
@@ -71,17 +54,17 @@ def test_sent_gradient_is_the_clipped_prediction(clip):
         assert (factor < 1.0).any() and (factor == 1.0).any()
         expected = prediction * factor
     # Without a training context the gradient sent is prediction / batch.
-    sent = _backward(sg, h) * BATCH
+    sent = sent_below(sg, h) * BATCH
     np.testing.assert_allclose(sent, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_no_clip_before_the_first_target():
     rng = np.random.default_rng(1)
     sg = _layer(1e-6)
-    kernel, bias = _set_linear_model(sg, rng)
+    kernel, bias = set_linear_gradient_model(sg, rng)
     h = rng.normal(size=(BATCH, WIDTH)).astype("float32")
     np.testing.assert_allclose(
-        _backward(sg, h) * BATCH, h @ kernel + bias, rtol=1e-5, atol=1e-6
+        sent_below(sg, h) * BATCH, h @ kernel + bias, rtol=1e-5, atol=1e-6
     )
 
 
@@ -89,7 +72,7 @@ def test_clip_is_per_position_over_channels_first_channels():
     rng = np.random.default_rng(2)
     channels = 3
     sg = _layer(0.7, shape=(None, channels, 2, 2), data_format="channels_first")
-    kernel, bias = _set_linear_model(sg, rng)
+    kernel, bias = set_linear_gradient_model(sg, rng)
     mean_square = 0.5
     sg._target_norm.mean_square.assign(mean_square)
     h = rng.normal(size=(2, channels, 2, 2)).astype("float32")
@@ -97,7 +80,7 @@ def test_clip_is_per_position_over_channels_first_channels():
     prediction = np.einsum("bchw,cd->bdhw", h, kernel[0, 0]) + bias[None, :, None, None]
     norms = np.linalg.norm(prediction, axis=1, keepdims=True)
     expected = prediction * np.minimum(1.0, 0.7 * np.sqrt(mean_square) / norms)
-    np.testing.assert_allclose(_backward(sg, h) * 2, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sent_below(sg, h) * 2, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_target_norm_follows_the_least_squares_window():
@@ -139,7 +122,7 @@ def test_gradient_solver_tracks_its_targets():
     expected = None
     for _ in range(2):
         upstream = rng.normal(size=(BATCH, WIDTH)).astype("float32")
-        _backward(sg, h, upstream)
+        sent_below(sg, h, upstream)
         # The per-example target is the incoming gradient times the batch.
         batch = _mean_square(upstream * BATCH)
         # `solver_decay="auto"`'s window: 1 - rows / (2 * (WIDTH + 1)).
@@ -246,23 +229,10 @@ def test_every_schedule_updates_from_the_clipped_prediction(schedule):
     x = rng.normal(size=(BATCH, 4)).astype("float32")
     y = rng.normal(size=(BATCH, 2)).astype("float32")
     keras.utils.set_random_seed(0)
-    model = keras_dni.DNISequential(
-        [
-            keras.Input((4,)),
-            keras_dni.DNIDense(
-                WIDTH,
-                name="d",
-                sg_solver="gradient",
-                sg_input_normalization=None,
-                sg_prediction_clip=0.5,
-            ),
-            keras.layers.Dense(2),
-        ]
-    )
     learning_rate = 0.1
-    model.compile(keras.optimizers.SGD(learning_rate), "mse", schedule=schedule)
+    model = one_dni_layer_model(schedule, learning_rate, WIDTH, sg_prediction_clip=0.5)
     layer = model.get_layer("d")
-    kernel, bias = _set_linear_model(layer.synthetic_gradient, rng)
+    kernel, bias = set_linear_gradient_model(layer.synthetic_gradient, rng)
     layer.synthetic_gradient._target_norm.mean_square.assign(1.0)
     w0, b0 = layer.kernel.numpy().copy(), layer.bias.numpy().copy()
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
@@ -271,31 +241,20 @@ def test_every_schedule_updates_from_the_clipped_prediction(schedule):
     norms = np.linalg.norm(prediction, axis=1, keepdims=True)
     clipped = prediction * np.minimum(1.0, 0.5 / norms)
     assert (norms > 0.5).any()
-    np.testing.assert_allclose(
-        layer.kernel.numpy(),
-        w0 - learning_rate * x.T @ clipped / BATCH,
-        rtol=1e-4,
-        atol=1e-6,
-    )
-    np.testing.assert_allclose(
-        layer.bias.numpy(),
-        b0 - learning_rate * clipped.mean(axis=0),
-        rtol=1e-4,
-        atol=1e-6,
-    )
+    assert_sgd_update(layer, w0, b0, x, clipped, learning_rate)
 
 
 def test_sent_gradient_is_what_a_step_sends():
     rng = np.random.default_rng(9)
     sg = _layer(0.8)
-    _set_linear_model(sg, rng)
+    set_linear_gradient_model(sg, rng)
     sg._target_norm.mean_square.assign(1.5)
     h = rng.normal(size=(BATCH, WIDTH)).astype("float32")
     sent = sg.sent_gradient(h).numpy()
     unclipped = sg.predict_gradient(h).numpy()
     assert (np.linalg.norm(sent, axis=1) < np.linalg.norm(unclipped, axis=1)).any()
     # (The step then refits M, after using it.)
-    np.testing.assert_allclose(_backward(sg, h) * BATCH, sent, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sent_below(sg, h) * BATCH, sent, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ DNIRNN

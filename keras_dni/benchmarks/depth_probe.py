@@ -160,8 +160,11 @@ def build(args, input_dim):
     normalization = runs.sg_input_normalization(args.sg_input_normalization)
     ridge = SOLVER_RIDGE if args.solver_ridge is None else args.solver_ridge
     clip = runs.resolve_prediction_clip(args.prediction_clip, PREDICTION_CLIP)
-    calibrated = {"none": (), "all": range(args.depth), "top": (args.depth - 1,)}
-    calibrated = set(calibrated[args.calibration])
+    calibrated = {
+        "none": range(0),
+        "all": range(args.depth),
+        "top": range(args.depth - 1, args.depth),
+    }[args.calibration]
     init = {}
     if args.kernel_initializer is not None:
         init["kernel_initializer"] = args.kernel_initializer

@@ -112,7 +112,7 @@ def stream_runs(task, args, methods):
             "log_every": max(steps // 20, 1),
         }
         for t in reversed(_truncations(args))
-        for seed in range(args.first_seed, args.first_seed + args.seeds)
+        for seed in runs.seed_range(args)
         for method in methods
     ]
     records = []
@@ -195,7 +195,7 @@ def charlm_runs(task, args, methods):
             "text": text,
         }
         for t in reversed(_truncations(args))
-        for seed in range(args.first_seed, args.first_seed + args.seeds)
+        for seed in runs.seed_range(args)
         for method in methods
     ]
     records = []

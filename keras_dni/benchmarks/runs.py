@@ -78,11 +78,10 @@ def run_mlp(
     dni_kwargs = {
         "sg_solver": sg_solver,
         "sg_input_normalization": sg_input_normalization,
+        "sg_calibration": sg_calibration,
     }
     if sg_prediction_clip != "default":
         dni_kwargs["sg_prediction_clip"] = sg_prediction_clip
-    if sg_calibration:
-        dni_kwargs["sg_calibration"] = True
     if arch == "cnn":
         if kernel_initializer is not None:
             raise ValueError(
@@ -335,7 +334,7 @@ def run_copy(args, methods):
             "sg_prediction_clip": recurrent_prediction_clip(args),
         }
         for t in reversed(truncations)
-        for seed in range(args.first_seed, args.first_seed + args.seeds)
+        for seed in seed_range(args)
         for method in methods
     ]
     records = []
@@ -411,6 +410,11 @@ def prediction_clip_value(value):
 def resolve_prediction_clip(value, default):
     """A parsed `prediction_clip_value`, with `"default"` replaced by `default`."""
     return default if value == "default" else value
+
+
+def seed_range(args):
+    """The seeds of the CLI's `--first-seed` and `--seeds`."""
+    return range(args.first_seed, args.first_seed + args.seeds)
 
 
 def recurrent_prediction_clip(args):
