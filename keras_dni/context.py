@@ -31,8 +31,8 @@ class TrainingContext:
         self.loss_scale = loss_scale
         self.force_backprop = force_backprop
         self.records = []
-        # `(layer, features, target, weight)` per least-squares gradient
-        # model, added by the backward pass, for the `train_step` to fit.
+        # `(layer, batch moments, weight)` per gradient model, added by the
+        # backward pass, for the `train_step` to apply (`apply_solver_fits`).
         self.solver_fits = []
 
 

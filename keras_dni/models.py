@@ -359,7 +359,7 @@ class DNITrainerMixin:
         if masks is not None:
             by_variable = {id(v): g for v, g in zip(main_vars + sg_vars, grads)}
             schedules.apply_by_stage(self, dni_schedule.stages, masks, by_variable)
-            schedules.fit_least_squares(ctx.solver_fits, masks, dni_schedule.stages)
+            schedules.apply_solver_fits(ctx.solver_fits, masks, dni_schedule.stages)
             self._track_loss(loss, x)
             return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         self.optimizer.apply(grads[: len(main_vars)], main_vars)
@@ -370,8 +370,12 @@ class DNITrainerMixin:
         ]
         if sg_pairs:
             self.sg_optimizer.apply(*zip(*sg_pairs))
-        # Least-squares gradient models: refitted on this batch's targets.
-        schedules.fit_least_squares(ctx.solver_fits)
+        else:
+            # One count per step, as under the other schedules, also when
+            # every M is refitted by least squares.
+            self.sg_optimizer.iterations.assign_add(1)
+        # The gradient models' own state (least-squares fits, targets' norm).
+        schedules.apply_solver_fits(ctx.solver_fits)
         self._track_loss(loss, x)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 

@@ -163,7 +163,7 @@ def _stage_in_step(model, stage, index, inputs, labels, sample_weight, valid):
             labels=labels, loss_scale=None, force_backprop=True
         ) as ctx:
             result = schedules._stage_pass(
-                model, stage, index, inputs, None, labels, sample_weight, ctx, False
+                model, stage, index, inputs, None, labels, sample_weight, ctx
             )
         grads = [
             tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
@@ -288,6 +288,11 @@ def _apply(model, network_updates, gradient_model_updates, every_stage):
                 optimizer.apply(grads, variables)
         return tf.constant(True)
 
+    for optimizer, updates in pairs:
+        if not updates:
+            # One count per step also for an optimizer that updates nothing
+            # (every M refitted by least squares), as under "locked".
+            optimizer.iterations.assign_add(1)
     if every_stage is None:
         per_stage()
     else:
@@ -324,11 +329,13 @@ def _train_gradient_model(sg, held, incoming, mask):
     if sg.least_squares:
         sg.fit_least_squares(sg.least_squares_features(h, labels), target, weight)
         return None
-    sg.record_targets(target, weight)
     variables = list(sg.trainable_variables)
+    # M regresses its clipped prediction, as under "locked"; with today's
+    # weights and the bound before this batch's target enters it.
     with tf.GradientTape() as tape:
-        current = sg.predict_gradient(h, labels if sg.conditional else None)
+        current = sg._clip(sg.predict_gradient(h, labels if sg.conditional else None))
     _, d_current = schedules._regression(current, incoming, scale, 1.0)
     grads = tape.gradient(current, variables, output_gradients=d_current)
     grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+    sg.record_targets(target, weight)
     return grads, variables, mask

@@ -408,14 +408,17 @@ def _mask(masks, index):
     return None if masks is None else masks[index]
 
 
-def fit_least_squares(solver_fits, masks=None, stages=()):
-    """Refits the least-squares gradient models of a locked step.
+def apply_solver_fits(solver_fits, masks=None, stages=()):
+    """Updates the gradient models' state after a locked step.
+
+    Refits the least-squares `M`s and records the targets' norm of those
+    trained by `sg_optimizer` (`prediction_clip`).
 
     Args:
-        solver_fits: `(layer, features, target, weight)` tuples that the
-            backward pass left in the training context.
-        masks: `None`, or one boolean tensor per stage: a least-squares
-            `M` is refitted only if the stage it ends updates.
+        solver_fits: `(layer, moments, weight)` tuples that the backward
+            pass left in the training context (`batch_moments`).
+        masks: `None`, or one boolean tensor per stage: a gradient model's
+            state is updated only if the stage it ends updates.
         stages: the `Stage`s, with `masks`.
     """
     mask_of = {}
@@ -423,17 +426,17 @@ def fit_least_squares(solver_fits, masks=None, stages=()):
         for index, stage in enumerate(stages):
             if stage.synthetic_gradient is not None:
                 mask_of[id(stage.synthetic_gradient)] = masks[index]
-    for layer, features, target, weight in solver_fits:
+    for layer, moments, weight in solver_fits:
         mask = mask_of.get(id(layer))
         if mask is not None:
             weight = weight * tf.cast(mask, tf.float32)
-        layer.fit_least_squares(features, target, weight)
+        layer.update_from_moments(moments, weight)
 
 
 def apply_by_stage(model, stages, masks, grads):
     """Locked schedule with `update_probability < 1`: per-stage updates.
 
-    (The least-squares gradient models: `fit_least_squares`.)
+    (The gradient models' own state: `apply_solver_fits`.)
 
     Args:
         model: the model (its `optimizer` and `sg_optimizer`).
@@ -505,7 +508,7 @@ def _add(grads, more):
     ]
 
 
-def _stage_pass(model, stage, index, h, x, y, sample_weight, ctx, persistent):
+def _stage_pass(model, stage, index, h, x, y, sample_weight, ctx):
     """Forward and backward pass of one stage on `h` (in `ctx`).
 
     `x`, `y` and `sample_weight` go to `model.compute_loss` in the last
@@ -515,18 +518,19 @@ def _stage_pass(model, stage, index, h, x, y, sample_weight, ctx, persistent):
     regularisation terms), or the loss for the last stage.
 
     Returns:
-        A dict: `tape` (kept only if `persistent`), `out` (the stage's output,
-        `y_pred` for the last stage), `grads` (of the stage's variables),
-        `grad_input` (the gradient at `h`, `None` for the first stage), and
-        `prediction` and `scale` (`M`'s prediction at the output and the
-        per-example scale) or `loss`.
+        A dict: `out` (the stage's output, `y_pred` for the last stage),
+        `grads` (of the stage's variables), `grad_input` (the gradient at
+        `h`, `None` for the first stage), and `prediction` and `scale`
+        (`M`'s prediction at the output and the per-example scale) or
+        `loss`.
     """
     optimizer = model.optimizer
     loss_scale = model._loss_scale()
     replicas = float(tf.distribute.get_strategy().num_replicas_in_sync)
     last = stage.synthetic_gradient is None
     result = {}
-    with tf.GradientTape(persistent=persistent) as tape:
+    # Persistent for the regularisation terms' second gradient.
+    with tf.GradientTape(persistent=not last) as tape:
         inputs = tf.nest.flatten(h)
         if index:
             tape.watch(inputs)
@@ -561,7 +565,6 @@ def _stage_pass(model, stage, index, h, x, y, sample_weight, ctx, persistent):
         result.update(prediction=prediction, scale=scale)
     n = len(stage.variables)
     result.update(
-        tape=tape if persistent else None,
         out=out,
         grads=list(grads[:n]),
         grad_input=grads[n] if index else None,
@@ -578,11 +581,17 @@ def unlocked_train_step(model, stages, masks, x, y, sample_weight):
     last stage) w.r.t. its variables and its input, update of the stage
     with the network optimizer, then update of the previous stage's gradient
     model with `sg_optimizer`, on the gradient at its input. The next stage
-    starts only once the update is applied.
+    starts only once both updates are applied.
+
+    Between its stage's update and its refit, a gradient model holds
+    nothing but the stage's output (which the next stage reads anyway):
+    `M` is evaluated again on it at the refit, once the gradient from above
+    has arrived (one more forward pass of `M` per decoupling point), rather
+    than keeping its input and prediction alive through the next stage.
     """
     network = _StepCounter(model.optimizer)
     gradient_models = _StepCounter(model.sg_optimizer)
-    # (tape, sg layer, prediction, per-example scale, mask, h)
+    # (sg layer, per-example scale, mask, h)
     pending = None
     h = x
     y_pred = loss = None
@@ -593,36 +602,40 @@ def unlocked_train_step(model, stages, masks, x, y, sample_weight):
             last = stage.synthetic_gradient is None
             mask = _mask(masks, index)
             with tf.device(stage.device):
-                result = _stage_pass(
-                    model, stage, index, h, x, y, sample_weight, ctx, not last
-                )
+                result = _stage_pass(model, stage, index, h, x, y, sample_weight, ctx)
                 network.apply(result["grads"], stage.variables, mask)
+                updated = list(stage.variables)
                 if pending is not None:
                     _train_gradient_model(
                         gradient_models, pending, result["grad_input"], y
                     )
+                    # The next stage also waits for the refit of the M
+                    # below: until then, that M's input stays alive.
+                    updated += pending[0].variables
                 out = result["out"]
                 if last:
                     y_pred, loss = out, result["loss"]
                 else:
-                    pending = (
-                        result["tape"],
-                        stage.synthetic_gradient,
-                        result["prediction"],
-                        result["scale"],
-                        mask,
-                        out,
-                    )
-                    h = _after(out, stage.variables)
+                    pending = (stage.synthetic_gradient, result["scale"], mask, out)
+                    h = _after(out, updated)
     network.finish()
     gradient_models.finish()
     return y_pred, loss
 
 
 def _train_gradient_model(counter, pending, incoming, labels):
-    tape, sg, prediction, scale, mask, h = pending
+    sg, scale, mask, h = pending
     if incoming is None:
-        incoming = tf.zeros_like(prediction)
+        incoming = tf.zeros(tf.shape(h), tf.float32)
+    # M's prediction again, as the forward pass computed it (M and the bound
+    # of its prediction clip have not changed since), only once the
+    # gradient from above exists: nothing of M's is held through the stage
+    # above.
+    with tf.control_dependencies([incoming]):
+        h = tf.identity(h)
+    labels = labels if sg.conditional else None
+    with tf.GradientTape() as tape:
+        prediction = sg._clip(sg.predict_gradient(h, labels))
     replicas = float(tf.distribute.get_strategy().num_replicas_in_sync)
     value, d_prediction = _regression(prediction, incoming, scale, replicas)
     sg.sg_loss_tracker.update_state(value, sample_weight=1.0)
@@ -634,8 +647,8 @@ def _train_gradient_model(counter, pending, incoming, labels):
         del tape
         sg.fit_least_squares(sg.least_squares_features(h, labels), target, weight)
         return
-    sg.record_targets(target, weight)
     variables = list(sg.trainable_variables)
     grads = tape.gradient(prediction, variables, output_gradients=d_prediction)
     del tape
+    sg.record_targets(target, weight)
     counter.apply(grads, variables, mask)

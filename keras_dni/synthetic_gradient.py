@@ -814,13 +814,67 @@ class SyntheticGradient(keras.layers.Layer):
             target: the per-example gradient at `h` (layout of `h`).
             weight: 0 to skip the batch (a non-finite gradient), else 1.
         """
+        self.update_from_moments(self.batch_moments(target, weight, features), weight)
+
+    def record_targets(self, target, weight=1.0):
+        """Updates the running norm of `M`'s targets (`prediction_clip`).
+
+        For an `M` trained by `sg_optimizer`; `fit_least_squares` does it
+        for a least-squares `M`. The window is the one `solver_decay="auto"`
+        gives.
+
+        Args:
+            target: the per-example gradient at `h` (layout of `h`).
+            weight: 0 to skip the batch (a non-finite gradient), else 1.
+        """
+        self.update_from_moments(self.batch_moments(target, weight), weight)
+
+    def batch_moments(self, target, weight=1.0, features=None):
+        """What one batch adds to `M`'s running state, summed over replicas.
+
+        `update_from_moments` applies it. Splitting the two lets a training
+        step reduce a batch where its target arrives and decide later
+        (`update_probability`) whether `M` takes it in, without holding the
+        per-example tensors until then.
+
+        Args:
+            target: the per-example gradient at `h` (layout of `h`).
+            weight: 0 for a non-finite gradient (its rows count as zeros).
+            features: the regressors of a least-squares `M`, `(rows, dim)`.
+
+        Returns:
+            `(rows, energy)` of the targets; with `features` also the
+            moments `Z^T Z` and `Z^T T`.
+        """
         weight = tf.cast(weight, tf.float32)
         target = self._target_rows(target, weight)
+        rows = tf.cast(tf.shape(target)[0], tf.float32)
+        energy = tf.reduce_sum(tf.square(target))
+        if features is None:
+            return tuple(_sum_over_replicas([rows, energy]))
         gram = tf.matmul(features, features, transpose_a=True)
         cross = tf.matmul(features, target, transpose_a=True)
-        rows = tf.cast(tf.shape(features)[0], tf.float32)
-        energy = tf.reduce_sum(tf.square(target))
-        gram, cross, rows, energy = _sum_over_replicas([gram, cross, rows, energy])
+        return tuple(_sum_over_replicas([rows, energy, gram, cross]))
+
+    def update_from_moments(self, moments, weight=1.0):
+        """Takes one batch's `batch_moments` into `M`'s state.
+
+        The running norm of the targets; for the four moments of a
+        least-squares `M` also its running moments, and its weights refitted.
+
+        Args:
+            moments: what `batch_moments` returned for the batch.
+            weight: 0 to skip the batch (`M`'s state stays as it is), else 1.
+        """
+        weight = tf.cast(weight, tf.float32)
+        if len(moments) == 2:
+            rows, energy = moments
+            dim = self._input_dense.kernel.shape[-2] + (self.label_dim or 0) + 1
+            decay = _auto_decay(rows, dim)
+            keep = decay + (1.0 - decay) * (1.0 - weight)
+            self._update_target_norm(energy, rows, keep, weight)
+            return
+        rows, energy, gram, cross = moments
         dim = gram.shape[-1]
         decay = self.solver_decay
         if decay == "auto":
@@ -837,27 +891,6 @@ class SyntheticGradient(keras.layers.Layer):
         chol = tf.linalg.cholesky(gram + ridge * tf.eye(dim))
         solution = tf.linalg.cholesky_solve(chol, cross)
         self._assign_solution(solution, weight <= 0.0)
-
-    def record_targets(self, target, weight=1.0):
-        """Updates the running norm of `M`'s targets (`prediction_clip`).
-
-        For an `M` trained by `sg_optimizer`; `fit_least_squares` does it
-        for a least-squares `M`. The window is the one `solver_decay="auto"`
-        gives.
-
-        Args:
-            target: the per-example gradient at `h` (layout of `h`).
-            weight: 0 to skip the batch (a non-finite gradient), else 1.
-        """
-        weight = tf.cast(weight, tf.float32)
-        target = self._target_rows(target, weight)
-        rows = tf.cast(tf.shape(target)[0], tf.float32)
-        energy = tf.reduce_sum(tf.square(target))
-        rows, energy = _sum_over_replicas([rows, energy])
-        dim = self._input_dense.kernel.shape[-2] + (self.label_dim or 0) + 1
-        decay = _auto_decay(rows, dim)
-        keep = decay + (1.0 - decay) * (1.0 - weight)
-        self._update_target_norm(energy, rows, keep, weight)
 
     def _target_rows(self, target, weight):
         """`target` as rows of channels; zeros for a skipped batch.
@@ -942,21 +975,21 @@ class SyntheticGradient(keras.layers.Layer):
         holder["replicas"] = float(replicas)
         holder["on_loss"] = self._record_loss
         holder["on_sent"] = self.record_calibration
-        if self._least_squares:
-            features = self._solver_features(x, labels)
-            if ctx is not None:
-                # The DNI `train_step` fits M after the backward pass (so
-                # that a stage that skips its update keeps its M).
-                def on_target(target, weight):
-                    ctx.solver_fits.append((self, features, target, weight))
-            else:
+        features = self._solver_features(x, labels) if self._least_squares else None
+        if ctx is not None:
+            # The DNI `train_step` updates M's state (a least-squares fit, the
+            # targets' norm) after the backward pass, so that a stage that
+            # skips its update keeps it; the batch is reduced here.
+            def on_target(target, weight):
+                moments = self.batch_moments(target, weight, features)
+                ctx.solver_fits.append((self, moments, weight))
+        elif self._least_squares:
 
-                def on_target(target, weight):
-                    self.fit_least_squares(features, target, weight)
-
-            holder["on_target"] = on_target
+            def on_target(target, weight):
+                self.fit_least_squares(features, target, weight)
         else:
-            holder["on_target"] = self.record_targets
+            on_target = self.record_targets
+        holder["on_target"] = on_target
         output = op(
             inputs,
             prediction,

@@ -30,7 +30,9 @@ def sent_below(sg, h, upstream=None):
     return tape.gradient(out, h, output_gradients=tf.constant(upstream)).numpy()
 
 
-def one_dni_layer_model(schedule, learning_rate, units, **dni_kwargs):
+def one_dni_layer_model(
+    schedule, learning_rate, units, sg_optimizer=None, **dni_kwargs
+):
     """Input(4) -> linear DNIDense("d", `M` trained by `sg_optimizer` on the
     raw h, `dni_kwargs`) -> Dense(2, "top"); MSE, SGD(`learning_rate`)."""
     model = keras_dni.DNISequential(
@@ -46,7 +48,12 @@ def one_dni_layer_model(schedule, learning_rate, units, **dni_kwargs):
             keras.layers.Dense(2, name="top"),
         ]
     )
-    model.compile(keras.optimizers.SGD(learning_rate), "mse", schedule=schedule)
+    model.compile(
+        keras.optimizers.SGD(learning_rate),
+        "mse",
+        schedule=schedule,
+        sg_optimizer=sg_optimizer,
+    )
     return model
 
 

@@ -133,18 +133,18 @@ def test_gradient_solver_tracks_its_targets():
         )
 
 
-@pytest.mark.parametrize("schedule", ["locked", "unlocked", "pipelined"])
-@pytest.mark.parametrize("solver", ["least_squares", "gradient"])
-def test_every_schedule_tracks_the_targets(schedule, solver):
-    rng = np.random.default_rng(6)
-    x = rng.normal(size=(32, 4)).astype("float32")
-    y = rng.integers(0, 3, size=32)
-    keras.utils.set_random_seed(0)
+def _two_dni_layers(rows, seed, solver, schedule, activation, **compile_kwargs):
+    """Input(4) -> DNIDense "a", "b" (8 units) -> Dense(3) logits, compiled
+    after `set_random_seed(seed)`; with `rows` random examples `x, y`."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, 4)).astype("float32")
+    y = rng.integers(0, 3, size=rows)
+    keras.utils.set_random_seed(seed)
     model = keras_dni.DNISequential(
         [
             keras.Input((4,)),
-            keras_dni.DNIDense(8, activation="relu", sg_solver=solver, name="a"),
-            keras_dni.DNIDense(8, activation="relu", sg_solver=solver, name="b"),
+            keras_dni.DNIDense(8, activation=activation, sg_solver=solver, name="a"),
+            keras_dni.DNIDense(8, activation=activation, sg_solver=solver, name="b"),
             keras.layers.Dense(3),
         ]
     )
@@ -152,11 +152,67 @@ def test_every_schedule_tracks_the_targets(schedule, solver):
         "adam",
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         schedule=schedule,
+        **compile_kwargs,
     )
+    return model, x, y
+
+
+@pytest.mark.parametrize("schedule", ["locked", "unlocked", "pipelined"])
+@pytest.mark.parametrize("solver", ["least_squares", "gradient"])
+def test_every_schedule_tracks_the_targets(schedule, solver):
+    model, x, y = _two_dni_layers(32, 6, solver, schedule, "relu")
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     for name in ("a", "b"):
         value = model.get_layer(name).synthetic_gradient._target_norm.mean_square
         assert np.isfinite(value.numpy()) and value.numpy() > 0.0
+
+
+class _NormAndModelRecorder(keras.callbacks.Callback):
+    """Per batch: each decoupling point's M kernel and targets' norm."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = names
+        self.snapshots = []
+
+    def _snapshot(self):
+        snapshot = {}
+        for name in self.names:
+            sg = self.model.get_layer(name).synthetic_gradient
+            snapshot[name] = (
+                sg._input_dense.kernel.numpy().copy(),
+                float(sg._target_norm.mean_square.numpy()),
+            )
+        self.snapshots.append(snapshot)
+
+    def on_train_begin(self, logs=None):
+        self._snapshot()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._snapshot()
+
+
+@pytest.mark.parametrize("schedule", ["locked", "unlocked", "pipelined"])
+@pytest.mark.parametrize("solver", ["least_squares", "gradient"])
+def test_a_stage_that_skips_its_update_keeps_its_target_norm(schedule, solver):
+    # The running norm belongs to M: under `update_probability` it moves in
+    # exactly the steps in which M does (refitted or trained), whatever the
+    # solver and the schedule.
+    model, x, y = _two_dni_layers(
+        96, 12, solver, schedule, "tanh", update_probability=0.5
+    )
+    recorder = _NormAndModelRecorder(("a", "b"))
+    model.fit(
+        x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[recorder]
+    )
+    moved = []
+    for before, after in zip(recorder.snapshots[:-1], recorder.snapshots[1:]):
+        for name in ("a", "b"):
+            kernel_moved = not np.array_equal(before[name][0], after[name][0])
+            norm_moved = before[name][1] != after[name][1]
+            assert kernel_moved == norm_moved, (name, len(moved))
+            moved.append(kernel_moved)
+    assert any(moved) and not all(moved)
 
 
 def test_config_round_trip():
@@ -333,3 +389,57 @@ def test_dnirnn_sends_the_clipped_prediction(stateful):
         if stateful:
             hand += tf.reduce_sum(h * gamma * sent[1])
     np.testing.assert_allclose(got, tape.gradient(hand, x64), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["locked", "unlocked", "pipelined"])
+def test_every_schedule_trains_m_on_the_clipped_prediction(schedule):
+    # M (gradient solver, SGD) regresses the prediction it sent, after the
+    # clip: its step is that of mean((s - t)^2) w.r.t. M's weights, with
+    # s = p * f, f = min(1, clip * rms / |p|) held fixed, by hand. Under
+    # "pipelined" the first refit comes in the second step, on the first
+    # batch's h and with the weights of the start (nothing above the first
+    # stage has moved yet).
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(2 * BATCH, 4)).astype("float32")
+    y = rng.normal(size=(2 * BATCH, 2)).astype("float32")
+    keras.utils.set_random_seed(0)
+    sg_lr = 0.05
+    model = one_dni_layer_model(
+        schedule,
+        0.1,
+        WIDTH,
+        sg_optimizer=keras.optimizers.SGD(sg_lr),
+        sg_prediction_clip=0.5,
+    )
+    layer, top = model.get_layer("d"), model.get_layer("top")
+    kernel, bias = set_linear_gradient_model(layer.synthetic_gradient, rng)
+    layer.synthetic_gradient._target_norm.mean_square.assign(36.0)
+    w0, b0 = layer.kernel.numpy().copy(), layer.bias.numpy().copy()
+    wt, bt = top.kernel.numpy().copy(), top.bias.numpy().copy()
+    steps = 2 if schedule == "pipelined" else 1
+    model.fit(
+        x[: steps * BATCH],
+        y[: steps * BATCH],
+        batch_size=BATCH,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+    )
+    xb, yb = x[:BATCH].astype("float64"), y[:BATCH].astype("float64")
+    h = xb @ w0 + b0
+    prediction = h @ kernel + bias
+    norms = np.linalg.norm(prediction, axis=1, keepdims=True)
+    factor = np.minimum(1.0, 0.5 * 6.0 / norms)
+    assert (factor < 1.0).any() and (factor == 1.0).any()
+    sent = prediction * factor
+    # The per-example gradient of the MSE at h (times the batch size).
+    target = (h @ wt + bt - yb) @ wt.T
+    d_sent = 2.0 * (sent - target) / sent.size
+    d_prediction = d_sent * factor
+    m = layer.synthetic_gradient._input_dense
+    np.testing.assert_allclose(
+        m.kernel.numpy(), kernel - sg_lr * h.T @ d_prediction, rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        m.bias.numpy(), bias - sg_lr * d_prediction.sum(0), rtol=1e-4, atol=1e-6
+    )

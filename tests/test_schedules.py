@@ -358,6 +358,20 @@ def test_unlocked_equals_locked_functional_and_regularized():
         np.testing.assert_allclose(h_unlocked[key], h_locked[key], rtol=1e-5)
 
 
+@pytest.mark.parametrize("schedule", ["locked", "unlocked", "pipelined"])
+@pytest.mark.parametrize("solver", ["least_squares", "gradient"])
+def test_both_optimizers_count_one_iteration_per_step(schedule, solver):
+    # Also when every M is refitted by least squares (`sg_optimizer` then
+    # updates nothing): the count is the step count under every schedule.
+    steps = 4
+    x, y = _data(steps)
+    keras.utils.set_random_seed(0)
+    model = _compile(_model(solver=solver), schedule=schedule)
+    model.fit(x, y, batch_size=B, shuffle=False, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == steps
+    assert int(model.sg_optimizer.iterations.numpy()) == steps
+
+
 def test_update_probability_one_is_the_default():
     x, y = _data()
     results = []
