@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import keras_dni
@@ -73,6 +74,46 @@ def assert_sgd_update(layer, w0, b0, x, sent, learning_rate):
         rtol=1e-4,
         atol=1e-6,
     )
+
+
+def assert_argument_rejected(argument, value, error):
+    """`SyntheticGradient(argument=value)` and `DNIDense(sg_<argument>=value)`
+    both raise `error`, naming the argument and the value received."""
+    with pytest.raises(error, match=f"Received: {argument}={value!r}"):
+        keras_dni.SyntheticGradient(**{argument: value})
+    with pytest.raises(error, match=f"Received: sg_{argument}={value!r}"):
+        keras_dni.DNIDense(4, **{f"sg_{argument}": value})
+
+
+def small_dni_model(**dni_kwargs):
+    """Input(4) -> DNIDense(8, relu, "d", `dni_kwargs`) -> Dense(2); MSE,
+    Adam; after `set_random_seed(0)`."""
+    keras.utils.set_random_seed(0)
+    model = keras_dni.DNISequential(
+        [
+            keras.Input((4,)),
+            keras_dni.DNIDense(8, activation="relu", name="d", **dni_kwargs),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile("adam", "mse")
+    return model
+
+
+class SnapshotRecorder(keras.callbacks.Callback):
+    """`snapshot(model)` before the first training batch and after each."""
+
+    def __init__(self, snapshot):
+        super().__init__()
+        self.snapshot = snapshot
+        self.snapshots = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self.snapshots:
+            self.snapshots.append(self.snapshot(self.model))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.snapshots.append(self.snapshot(self.model))
 
 
 def check_loads_without(model, build, path, entry):

@@ -11,11 +11,13 @@ existed.
 import keras
 import numpy as np
 import pytest
+from helpers import assert_argument_rejected
 from helpers import assert_sgd_update
 from helpers import check_loads_without
 from helpers import one_dni_layer_model
 from helpers import sent_below
 from helpers import set_linear_gradient_model
+from helpers import small_dni_model
 
 import keras_dni
 from keras_dni.synthetic_gradient import CALIBRATION_DECAY
@@ -186,25 +188,12 @@ def test_config_round_trip():
 
 @pytest.mark.parametrize("value", ["auto", 1, None])
 def test_argument_errors(value):
-    error = TypeError
-    with pytest.raises(error, match=f"Received: calibration={value!r}"):
-        keras_dni.SyntheticGradient(calibration=value)
-    with pytest.raises(error, match=f"Received: sg_calibration={value!r}"):
-        keras_dni.DNIDense(4, sg_calibration=value)
+    assert_argument_rejected("calibration", value, TypeError)
 
 
 def test_weights_saved_without_the_calibration_still_load(tmp_path):
     def build():
-        keras.utils.set_random_seed(0)
-        model = keras_dni.DNISequential(
-            [
-                keras.Input((4,)),
-                keras_dni.DNIDense(8, activation="relu", name="d", sg_calibration=True),
-                keras.layers.Dense(2),
-            ]
-        )
-        model.compile("adam", "mse")
-        return model
+        return small_dni_model(sg_calibration=True)
 
     rng = np.random.default_rng(4)
     x = rng.normal(size=(16, 4)).astype("float32")

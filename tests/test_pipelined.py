@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import SnapshotRecorder
 from test_schedules import CLASSES
 from test_schedules import GRADIENT_MODEL
 from test_schedules import LR
@@ -28,7 +29,6 @@ from test_schedules import _assert_matches
 from test_schedules import _compile
 from test_schedules import _data
 from test_schedules import _model
-from test_schedules import _Recorder
 from test_schedules import _snapshot
 from test_schedules import _start_calibration
 
@@ -156,7 +156,7 @@ def test_update_probability_matches_reference_with_the_same_draws(solver):
     model = _compile(
         _model(solver=solver), schedule="pipelined", update_probability=0.5
     )
-    recorder = _Recorder()
+    recorder = SnapshotRecorder(_snapshot)
     model.fit(x, y, batch_size=B, shuffle=False, verbose=0, callbacks=[recorder])
     snaps = recorder.snapshots
     masks = []

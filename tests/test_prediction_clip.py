@@ -10,11 +10,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import SnapshotRecorder
+from helpers import assert_argument_rejected
 from helpers import assert_sgd_update
 from helpers import check_loads_without
 from helpers import one_dni_layer_model
 from helpers import sent_below
 from helpers import set_linear_gradient_model
+from helpers import small_dni_model
 
 import keras_dni
 from keras_dni.synthetic_gradient import PREDICTION_CLIP
@@ -167,29 +170,16 @@ def test_every_schedule_tracks_the_targets(schedule, solver):
         assert np.isfinite(value.numpy()) and value.numpy() > 0.0
 
 
-class _NormAndModelRecorder(keras.callbacks.Callback):
-    """Per batch: each decoupling point's M kernel and targets' norm."""
-
-    def __init__(self, names):
-        super().__init__()
-        self.names = names
-        self.snapshots = []
-
-    def _snapshot(self):
-        snapshot = {}
-        for name in self.names:
-            sg = self.model.get_layer(name).synthetic_gradient
-            snapshot[name] = (
-                sg._input_dense.kernel.numpy().copy(),
-                float(sg._target_norm.mean_square.numpy()),
-            )
-        self.snapshots.append(snapshot)
-
-    def on_train_begin(self, logs=None):
-        self._snapshot()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._snapshot()
+def _m_kernels_and_norms(model):
+    """Per decoupling point "a", "b": M's kernel and its targets' norm."""
+    snapshot = {}
+    for name in ("a", "b"):
+        sg = model.get_layer(name).synthetic_gradient
+        snapshot[name] = (
+            sg._input_dense.kernel.numpy().copy(),
+            float(sg._target_norm.mean_square.numpy()),
+        )
+    return snapshot
 
 
 @pytest.mark.parametrize("schedule", ["locked", "unlocked", "pipelined"])
@@ -201,7 +191,7 @@ def test_a_stage_that_skips_its_update_keeps_its_target_norm(schedule, solver):
     model, x, y = _two_dni_layers(
         96, 12, solver, schedule, "tanh", update_probability=0.5
     )
-    recorder = _NormAndModelRecorder(("a", "b"))
+    recorder = SnapshotRecorder(_m_kernels_and_norms)
     model.fit(
         x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[recorder]
     )
@@ -251,32 +241,18 @@ def test_config_round_trip():
     ],
 )
 def test_argument_errors(value, error):
-    with pytest.raises(error, match=f"Received: prediction_clip={value!r}"):
-        keras_dni.SyntheticGradient(prediction_clip=value)
-    with pytest.raises(error, match=f"Received: sg_prediction_clip={value!r}"):
-        keras_dni.DNIDense(4, sg_prediction_clip=value)
+    assert_argument_rejected("prediction_clip", value, error)
 
 
 def test_weights_saved_without_the_target_norm_still_load(tmp_path):
-    def build():
-        keras.utils.set_random_seed(0)
-        model = keras_dni.DNISequential(
-            [
-                keras.Input((4,)),
-                keras_dni.DNIDense(8, activation="relu", name="d"),
-                keras.layers.Dense(2),
-            ]
-        )
-        model.compile("adam", "mse")
-        return model
-
     rng = np.random.default_rng(7)
     x = rng.normal(size=(16, 4)).astype("float32")
     y = rng.normal(size=(16, 2)).astype("float32")
-    model = build()
+    model = small_dni_model()
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     # As a file written before `prediction_clip` existed: no target norm.
-    check_loads_without(model, build, str(tmp_path / "model.weights.h5"), "target_norm")
+    path = str(tmp_path / "model.weights.h5")
+    check_loads_without(model, small_dni_model, path, "target_norm")
 
 
 @pytest.mark.parametrize("schedule", ["locked", "unlocked", "pipelined"])

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import SnapshotRecorder
 from helpers import assert_solution_close
 from helpers import set_random_gradient_model
 
@@ -384,19 +385,6 @@ def test_update_probability_one_is_the_default():
         np.testing.assert_array_equal(results[0][key], results[1][key])
 
 
-class _Recorder(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.snapshots = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if not self.snapshots:
-            self.snapshots.append(_snapshot(self.model))
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.snapshots.append(_snapshot(self.model))
-
-
 @pytest.mark.parametrize("solver", ["gradient", "least_squares"])
 @pytest.mark.parametrize("schedule", ["unlocked", "locked"])
 def test_update_probability_skips_stages_and_matches_reference(schedule, solver):
@@ -411,7 +399,7 @@ def test_update_probability_skips_stages_and_matches_reference(schedule, solver)
         model = _compile(
             _model(solver=solver), schedule=schedule, update_probability=0.5
         )
-        recorder = _Recorder()
+        recorder = SnapshotRecorder(_snapshot)
         model.fit(x, y, batch_size=B, shuffle=False, verbose=0, callbacks=[recorder])
         runs.append((model, recorder.snapshots))
     (model, snaps), (_, snaps_again) = runs
